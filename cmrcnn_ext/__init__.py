@@ -1,0 +1,24 @@
+"""cmrcnn_ext: Cascade Mask R-CNN for Detectron2.
+
+``import cmrcnn_ext`` registers the heads in Detectron2's registries:
+
+- ``CascadeMaskROIHeads`` in ``ROI_HEADS_REGISTRY``
+- ``CMRCNNConvUpsampleHead`` in ``ROI_MASK_HEAD_REGISTRY``
+
+and exposes :func:`add_cmrcnn_config`, which adds the ``MODEL.CMRCNN.*`` keys to a config.
+"""
+from . import compat  # noqa: F401  (run-time fixes for Detectron2 v0.6; see compat.py)
+from .config import add_cmrcnn_config
+from .mask_head import CMRCNNConvUpsampleHead
+from .roi_heads import CascadeMaskROIHeads
+
+__version__ = "0.1.0"
+
+__all__ = ["add_cmrcnn_config", "CascadeMaskROIHeads", "CMRCNNConvUpsampleHead", "get_cfg"]
+
+
+def get_cfg():
+    """Detectron2's default config with cmrcnn_ext's keys added."""
+    from detectron2.config import get_cfg as d2_get_cfg
+
+    return add_cmrcnn_config(d2_get_cfg())

@@ -1,0 +1,64 @@
+"""Config keys added by cmrcnn_ext.
+
+Call :func:`add_cmrcnn_config` on a fresh ``get_cfg()`` before ``merge_from_file``. It never
+changes Detectron2's global default config.
+"""
+from detectron2.config import CfgNode as CN
+
+#: Allowed values of ``MODEL.CMRCNN.MASK_STAGES``.
+MASK_STAGES_CHOICES = ("first", "last", "all")
+#: Allowed values of ``MODEL.CMRCNN.TEST_MASK_MERGE``.
+TEST_MASK_MERGE_CHOICES = ("last", "mean")
+
+
+def add_cmrcnn_config(cfg):
+    """Add the ``MODEL.CMRCNN`` keys to ``cfg`` (in place) and return it.
+
+    Calling it twice is harmless: keys that already exist keep their values.
+
+    Args:
+        cfg (CfgNode): typically ``detectron2.config.get_cfg()``.
+
+    Returns:
+        CfgNode: ``cfg``.
+    """
+    if "CMRCNN" in cfg.MODEL:
+        return cfg
+    cfg.MODEL.CMRCNN = CN()
+    # Which cascade stages carry a mask head in training (Cascade R-CNN, TPAMI, Sec. 6):
+    #   "first": one mask head, trained on stage 1's positives (the sampled RPN proposals with
+    #            IoU >= ROI_BOX_CASCADE_HEAD.IOUS[0]). Detectron2's built-in cascade does this.
+    #   "last":  one mask head, trained on the last stage's positives (the boxes that stage
+    #            receives from the previous stage's regression, labelled at the last stage's
+    #            IoU threshold). The Cascade R-CNN authors' Detectron setting.
+    #   "all":   one mask head per stage, each trained on that stage's positives: the paper's
+    #            best strategy, and MMDetection's.
+    # At test time masks are always predicted on the final (last-stage) boxes.
+    cfg.MODEL.CMRCNN.MASK_STAGES = "first"
+    # Per-stage weights on the box losses (classification + regression) and on the mask loss of
+    # the mask head attached to that stage; one float per cascade stage, each >= 0.
+    # [1.0, 0.5, 0.25] is the paper's and MMDetection's choice; [1.0, 1.0, 1.0] is Detectron2's
+    # behaviour (Detectron2 instead scales the features' gradient by 1 / num_stages).
+    cfg.MODEL.CMRCNN.STAGE_LOSS_WEIGHTS = [1.0, 1.0, 1.0]
+    # How masks are predicted at test time when MASK_STAGES is "all":
+    #   "last": use the last stage's mask head only;
+    #   "mean": run every stage's mask head on the final boxes and average their sigmoid mask
+    #           probabilities before thresholding at 0.5 (MMDetection's test-time merge).
+    # With MASK_STAGES "first" or "last" there is one mask head and this must be "last".
+    cfg.MODEL.CMRCNN.TEST_MASK_MERGE = "last"
+
+    # Your own COCO-format instance data, without writing code (train_net.py --train-json ...
+    # sets the same keys). When TRAIN_JSON is set the data set is registered as "user_train"
+    # and used as DATASETS.TRAIN; VAL_JSON likewise as "user_val" / DATASETS.TEST. Class names
+    # come from the JSON's categories (sorted by id); MODEL.ROI_HEADS.NUM_CLASSES 0 takes their
+    # count from it, any other value must match it.
+    cfg.DATASETS.CMRCNN = CN()
+    # Path of the training COCO instances JSON ("" = use DATASETS.TRAIN as registered).
+    cfg.DATASETS.CMRCNN.TRAIN_JSON = ""
+    # Folder that the training JSON's file_name entries are relative to.
+    cfg.DATASETS.CMRCNN.TRAIN_IMAGE_ROOT = ""
+    # Path of the evaluation COCO instances JSON ("" = use DATASETS.TEST as registered).
+    cfg.DATASETS.CMRCNN.VAL_JSON = ""
+    # Folder that the evaluation JSON's file_name entries are relative to.
+    cfg.DATASETS.CMRCNN.VAL_IMAGE_ROOT = ""
+    return cfg

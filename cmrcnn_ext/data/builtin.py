@@ -1,0 +1,71 @@
+"""Registers the data sets a config or command line names, before the trainer is built."""
+import logging
+
+logger = logging.getLogger(__name__)
+
+#: Prefix of the built-in synthetic data set's names (``cmrcnn_shapes_train`` / ``_val``).
+SYNTHETIC_PREFIX = "cmrcnn_shapes"
+
+
+def register_project_datasets(cfg, args=None):
+    """Register the data sets ``cfg`` uses and set ``MODEL.ROI_HEADS.NUM_CLASSES`` if it is 0.
+
+    - Names starting with ``cmrcnn_shapes`` register the synthetic data set (generated and
+      cached on first use).
+    - ``DATASETS.CMRCNN.TRAIN_JSON`` / ``VAL_JSON`` (or ``--train-json`` / ``--val-json`` in
+      ``args``) register the user's COCO files as ``user_train`` / ``user_val`` and make them
+      ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
+
+    Args:
+        cfg (CfgNode): not frozen; modified in place.
+        args (argparse.Namespace or None): may carry train_json, train_images, val_json,
+            val_images.
+    """
+    data = cfg.DATASETS.CMRCNN
+    for key, attr in [
+        ("TRAIN_JSON", "train_json"),
+        ("TRAIN_IMAGE_ROOT", "train_images"),
+        ("VAL_JSON", "val_json"),
+        ("VAL_IMAGE_ROOT", "val_images"),
+    ]:
+        if getattr(args, attr, None):
+            data[key] = getattr(args, attr)
+
+    from .coco import check_num_classes, num_classes_from_json, register_coco_dataset
+
+    class_source = None
+    for split, json_key, root_key, name, cfg_key in [
+        ("train", "TRAIN_JSON", "TRAIN_IMAGE_ROOT", "user_train", "TRAIN"),
+        ("val", "VAL_JSON", "VAL_IMAGE_ROOT", "user_val", "TEST"),
+    ]:
+        if not data[json_key]:
+            continue
+        if not data[root_key]:
+            raise ValueError(
+                f"DATASETS.CMRCNN.{json_key} is set but DATASETS.CMRCNN.{root_key} is empty: "
+                f"give the folder the JSON's file_name entries are relative to "
+                f"(--{split}-images DIR)."
+            )
+        register_coco_dataset(name, data[json_key], data[root_key])
+        cfg.DATASETS[cfg_key] = (name,)
+        class_source = class_source or data[json_key]
+
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    if any(n.startswith(SYNTHETIC_PREFIX) for n in names):
+        from .synthetic import CLASS_NAMES, register_synthetic_dataset
+
+        register_synthetic_dataset(prefix=SYNTHETIC_PREFIX)
+        if cfg.MODEL.ROI_HEADS.NUM_CLASSES == 0:
+            cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(CLASS_NAMES)
+
+    if class_source:
+        if cfg.MODEL.ROI_HEADS.NUM_CLASSES == 0:
+            cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes_from_json(class_source)
+            logger.info(
+                "MODEL.ROI_HEADS.NUM_CLASSES set to %d from %s",
+                cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                class_source,
+            )
+        else:
+            check_num_classes(cfg.MODEL.ROI_HEADS.NUM_CLASSES, class_source)
+    return cfg

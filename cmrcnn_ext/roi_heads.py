@@ -1,0 +1,209 @@
+"""Cascade Mask R-CNN ROI heads with a choice of which stages carry a mask head.
+
+Cai & Vasconcelos, "Cascade R-CNN: High Quality Object Detection and Instance Segmentation"
+(TPAMI 2019), Sec. 6, study where to put the mask branch of a cascade: on the first stage,
+on the last, or on every stage. Detectron2's built-in :class:`CascadeROIHeads` only does the
+first; this subclass adds the others, per-stage loss weights and a test-time mask merge.
+"""
+import math
+import re
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads
+from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
+from detectron2.structures import Instances, pairwise_iou
+from detectron2.utils.events import get_event_storage
+
+from .config import MASK_STAGES_CHOICES, TEST_MASK_MERGE_CHOICES
+
+_STAGE_SUFFIX = re.compile(r"_stage(\d+)$")
+
+
+@ROI_HEADS_REGISTRY.register()
+class CascadeMaskROIHeads(CascadeROIHeads):
+    """Detectron2's cascade ROI heads with configurable mask stages.
+
+    With ``mask_stages="first"`` and unit ``stage_loss_weights`` it is numerically identical to
+    Detectron2's :class:`CascadeROIHeads` (same parameters, same losses, same outputs).
+
+    Training: the box stages run exactly as in Detectron2 (stage 1 on sampled proposals; stage
+    ``k > 1`` on all boxes regressed by stage ``k - 1``, relabelled at its own IoU threshold).
+    The mask head of stage ``k`` is trained on the foreground boxes of stage ``k``'s input.
+    Each stage's box losses, and the mask loss of its mask head, are multiplied by
+    ``stage_loss_weights[k]``.
+
+    Inference: boxes and scores as in Detectron2; masks are predicted on the final boxes by
+    the (last) mask head, or, with ``test_mask_merge="mean"``, by every stage's mask head with
+    their sigmoid probabilities averaged.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        mask_stages: str = "first",
+        stage_loss_weights: Optional[Sequence[float]] = None,
+        test_mask_merge: str = "last",
+        **kwargs,
+    ):
+        """
+        Args:
+            mask_stages: "first", "last" or "all" (see ``MODEL.CMRCNN.MASK_STAGES``). With
+                "all", ``mask_head`` must be an ``nn.ModuleList`` with one head per stage.
+            stage_loss_weights: one weight >= 0 per stage; default all 1.
+            test_mask_merge: "last" or "mean" ("mean" needs ``mask_stages="all"``).
+            kwargs: arguments of :class:`CascadeROIHeads`.
+        """
+        super().__init__(**kwargs)
+        num_stages = self.num_cascade_stages
+        if stage_loss_weights is None:
+            stage_loss_weights = [1.0] * num_stages
+        check_cascade_mask_args(mask_stages, stage_loss_weights, test_mask_merge, num_stages)
+        self.mask_stages = mask_stages
+        self.stage_loss_weights = tuple(float(w) for w in stage_loss_weights)
+        self.test_mask_merge = test_mask_merge
+        if self.mask_on:
+            heads = self._mask_heads()
+            expected = num_stages if mask_stages == "all" else 1
+            if len(heads) != expected:
+                raise ValueError(
+                    f"MODEL.CMRCNN.MASK_STAGES={mask_stages!r} needs {expected} mask head(s), "
+                    f"got {len(heads)}."
+                )
+            if test_mask_merge == "mean" and not all(hasattr(h, "mask_probs") for h in heads):
+                raise ValueError(
+                    "MODEL.CMRCNN.TEST_MASK_MERGE='mean' needs mask heads with mask_probs(); "
+                    "set MODEL.ROI_MASK_HEAD.NAME to 'CMRCNNConvUpsampleHead'."
+                )
+        # Stage index -> that stage's labelled input boxes, kept only during a training forward.
+        self._stage_inputs: Optional[Dict[int, List[Instances]]] = None
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret.update(
+            mask_stages=cfg.MODEL.CMRCNN.MASK_STAGES,
+            stage_loss_weights=list(cfg.MODEL.CMRCNN.STAGE_LOSS_WEIGHTS),
+            test_mask_merge=cfg.MODEL.CMRCNN.TEST_MASK_MERGE,
+        )
+        return ret
+
+    @classmethod
+    def _init_mask_head(cls, cfg, input_shape):
+        ret = super()._init_mask_head(cfg, input_shape)
+        if ret and cfg.MODEL.CMRCNN.MASK_STAGES == "all":
+            heads = [ret["mask_head"]]
+            for _ in range(len(cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS) - 1):
+                heads.append(super()._init_mask_head(cfg, input_shape)["mask_head"])
+            ret["mask_head"] = nn.ModuleList(heads)
+        return ret
+
+    def _mask_heads(self) -> List[nn.Module]:
+        if isinstance(self.mask_head, nn.ModuleList):
+            return list(self.mask_head)
+        return [self.mask_head]
+
+    def mask_train_stages(self) -> List[int]:
+        """Indices (0-based) of the stages whose mask head is trained, one per mask head."""
+        last = self.num_cascade_stages - 1
+        return {"first": [0], "last": [last], "all": list(range(last + 1))}[self.mask_stages]
+
+    def forward(self, images, features, proposals, targets=None):
+        self._stage_inputs = {} if self.training and self.mask_on else None
+        try:
+            return super().forward(images, features, proposals, targets)
+        finally:
+            self._stage_inputs = None
+
+    def _forward_box(self, features, proposals, targets=None):
+        if self._stage_inputs is not None:
+            self._stage_inputs[0] = proposals
+        out = super()._forward_box(features, proposals, targets)
+        if not self.training:
+            return out
+        return {name: loss * self._stage_weight(name) for name, loss in out.items()}
+
+    def _stage_weight(self, loss_name: str) -> float:
+        match = _STAGE_SUFFIX.search(loss_name)
+        return self.stage_loss_weights[int(match.group(1))] if match else 1.0
+
+    @torch.no_grad()
+    def _match_and_label_boxes(self, proposals, stage, targets):
+        proposals = super()._match_and_label_boxes(proposals, stage, targets)
+        if self._stage_inputs is not None and stage in self.mask_train_stages():
+            # Detectron2 labels later stages with gt_classes / gt_boxes only; the mask loss
+            # also needs each box's matched ground-truth mask.
+            for props, gts in zip(proposals, targets):
+                if len(gts) and gts.has("gt_masks"):
+                    iou = pairwise_iou(gts.gt_boxes, props.proposal_boxes)
+                    matched_idxs, _ = self.proposal_matchers[stage](iou)
+                    props.gt_masks = gts.gt_masks[matched_idxs]
+            self._stage_inputs[stage] = proposals
+        return proposals
+
+    def _pool_mask_features(self, features, boxes):
+        if self.mask_pooler is None:
+            return {f: features[f] for f in self.mask_in_features}
+        return self.mask_pooler([features[f] for f in self.mask_in_features], boxes)
+
+    def _forward_mask(self, features, instances):
+        if not self.mask_on:
+            return {} if self.training else instances
+        heads = self._mask_heads()
+        if self.training:
+            return self._mask_losses(features, instances, heads)
+        x = self._pool_mask_features(features, [i.pred_boxes for i in instances])
+        if len(heads) == 1 or self.test_mask_merge == "last":
+            return heads[-1](x, instances)
+        probs = sum(head.mask_probs(x, instances) for head in heads) / len(heads)
+        for inst, p in zip(instances, probs.split([len(i) for i in instances])):
+            inst.pred_masks = p
+        return instances
+
+    def _mask_losses(self, features, stage0_proposals, heads):
+        losses = {}
+        storage = get_event_storage()
+        for head, stage in zip(heads, self.mask_train_stages()):
+            proposals = stage0_proposals if stage == 0 else self._stage_inputs[stage]
+            fg, _ = select_foreground_proposals(proposals, self.num_classes)
+            x = self._pool_mask_features(features, [p.proposal_boxes for p in fg])
+            weight = self.stage_loss_weights[stage]
+            if len(heads) == 1:
+                losses["loss_mask"] = head(x, fg)["loss_mask"] * weight
+            else:
+                with storage.name_scope(f"stage{stage}"):
+                    losses[f"loss_mask_stage{stage}"] = head(x, fg)["loss_mask"] * weight
+        return losses
+
+
+def check_cascade_mask_args(mask_stages, stage_loss_weights, test_mask_merge, num_stages):
+    """Raise ``ValueError`` naming the config key if the cascade-mask arguments are invalid."""
+    if mask_stages not in MASK_STAGES_CHOICES:
+        raise ValueError(
+            f"MODEL.CMRCNN.MASK_STAGES={mask_stages!r} is not one of {MASK_STAGES_CHOICES}."
+        )
+    if test_mask_merge not in TEST_MASK_MERGE_CHOICES:
+        raise ValueError(
+            f"MODEL.CMRCNN.TEST_MASK_MERGE={test_mask_merge!r} is not one of "
+            f"{TEST_MASK_MERGE_CHOICES}."
+        )
+    if test_mask_merge == "mean" and mask_stages != "all":
+        raise ValueError(
+            f"MODEL.CMRCNN.TEST_MASK_MERGE='mean' averages per-stage mask heads, but "
+            f"MODEL.CMRCNN.MASK_STAGES={mask_stages!r} builds only one. Set MASK_STAGES 'all' "
+            "or TEST_MASK_MERGE 'last'."
+        )
+    weights = list(stage_loss_weights)
+    if len(weights) != num_stages:
+        raise ValueError(
+            f"MODEL.CMRCNN.STAGE_LOSS_WEIGHTS has {len(weights)} values {weights} but the cascade "
+            f"has {num_stages} stages (MODEL.ROI_BOX_CASCADE_HEAD.IOUS); give one weight per stage."
+        )
+    if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(
+            f"MODEL.CMRCNN.STAGE_LOSS_WEIGHTS={weights}: every weight must be a finite number >= 0."
+        )

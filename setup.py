@@ -1,0 +1,25 @@
+"""Installs cmrcnn_ext. Detectron2 and torch are installed by scripts/env.sh (see README)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="cmrcnn_ext",
+    version="0.1.0",
+    description="Cascade Mask R-CNN for Detectron2, every tuning knob a config key",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["cmrcnn_ext", "cmrcnn_ext.*"]),
+    python_requires=">=3.9",
+    # torch, torchvision and detectron2 are not listed: Detectron2 is not on PyPI under its own
+    # name, and pip must not replace a user's CUDA build of torch. scripts/env.sh installs them.
+    install_requires=[
+        "numpy",
+        "Pillow>=10.2",  # current Pillow (security fixes); tools/install_detectron2.py makes v0.6 work
+        "pycocotools>=2.0.2",
+        "matplotlib",
+        "tqdm",
+        "opencv-python-headless",
+        "faster-coco-eval>=1.6",
+        "psutil",
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+)

@@ -1,0 +1,78 @@
+"""CascadeMaskROIHeads(MASK_STAGES=first, weights 1) == Detectron2's built-in CascadeROIHeads."""
+import copy
+
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from conftest import make_batch, tiny_cfg
+
+
+def build_pair(*opts):
+    """(ours, built-in) with identical weights."""
+    ours_cfg = tiny_cfg("MODEL.CMRCNN.MASK_STAGES", "first", *opts)
+    d2_cfg = ours_cfg.clone()
+    d2_cfg.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"
+    d2_cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+    torch.manual_seed(0)
+    ours = build_model(ours_cfg)
+    d2 = build_model(d2_cfg)
+    d2.load_state_dict(ours.state_dict())
+    assert type(d2.roi_heads).__name__ == "CascadeROIHeads"
+    assert type(ours.roi_heads).__name__ == "CascadeMaskROIHeads"
+    return ours, d2
+
+
+def test_same_state_dict_keys():
+    ours, d2 = build_pair()
+    assert list(ours.state_dict().keys()) == list(d2.state_dict().keys())
+    for k, v in d2.state_dict().items():
+        assert ours.state_dict()[k].shape == v.shape, k
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_same_training_losses_and_gradients(seed):
+    ours, d2 = build_pair()
+    batch = make_batch(seed=seed)
+    results = []
+    for model in (ours, d2):
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(seed)
+        with EventStorage():
+            losses = model(copy.deepcopy(batch))
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((losses, grads))
+    (l_ours, g_ours), (l_d2, g_d2) = results
+    assert set(l_ours) == set(l_d2)
+    assert "loss_mask" in l_ours and "loss_cls_stage2" in l_ours
+    for k in l_d2:
+        assert torch.allclose(l_ours[k], l_d2[k], atol=1e-5, rtol=0), (k, l_ours[k], l_d2[k])
+    assert set(g_ours) == set(g_d2)
+    for k in g_d2:
+        assert torch.allclose(g_ours[k], g_d2[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_same_inference_outputs():
+    ours, d2 = build_pair()
+    # Train both a few identical steps so that the predictions are not all alike.
+    batch = make_batch(num_images=3, seed=3, with_gt=False)
+    outs = []
+    for model in (ours, d2):
+        model.eval()
+        with torch.no_grad():
+            outs.append(model(copy.deepcopy(batch)))
+    total = 0
+    for a, b in zip(*outs):
+        a, b = a["instances"], b["instances"]
+        assert len(a) == len(b)
+        total += len(a)
+        assert torch.allclose(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-5)
+        assert torch.allclose(a.scores, b.scores, atol=1e-5)
+        assert torch.equal(a.pred_classes, b.pred_classes)
+        assert a.pred_masks.shape == b.pred_masks.shape
+        assert torch.equal(a.pred_masks, b.pred_masks)
+    assert total > 0, "the comparison needs detections"

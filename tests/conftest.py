@@ -34,7 +34,7 @@ def tiny_cfg(*opts, config=DEMO_CONFIG):
     return cfg
 
 
-def make_batch(num_images=2, size=128, seed=0, num_classes=4, with_gt=True):
+def make_batch(num_images=2, size=128, seed=0, num_classes=5, with_gt=True):
     """Random images with 1-3 rectangular ground-truth objects each (boxes, classes, masks)."""
     rng = np.random.default_rng(seed)
     batch = []

@@ -57,6 +57,12 @@ def register_project_datasets(cfg, args=None):
         register_synthetic_dataset(prefix=SYNTHETIC_PREFIX)
         if cfg.MODEL.ROI_HEADS.NUM_CLASSES == 0:
             cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(CLASS_NAMES)
+        elif cfg.MODEL.ROI_HEADS.NUM_CLASSES != len(CLASS_NAMES):
+            raise ValueError(
+                f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but the "
+                f"synthetic data set has {len(CLASS_NAMES)} classes {CLASS_NAMES}; set it to "
+                f"{len(CLASS_NAMES)} or 0."
+            )
 
     if class_source:
         if cfg.MODEL.ROI_HEADS.NUM_CLASSES == 0:

@@ -12,63 +12,24 @@ Examples::
 Trailing ``KEY VALUE`` pairs override the config. On a machine without CUDA the model runs on
 the CPU (logged), whatever ``MODEL.DEVICE`` says.
 """
-import logging
-import os
-
-import torch
-
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.engine import default_argument_parser, launch
+from detectron2.evaluation import verify_results
 
-import cmrcnn_ext
-from cmrcnn_ext import compat
-from cmrcnn_ext.data import register_project_datasets
-
-logger = logging.getLogger("cmrcnn_ext.train_net")
-
-
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with COCO box + mask evaluation."""
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        # Detectron2's C++ COCOeval exists only where detectron2._C is compiled.
-        return COCOEvaluator(
-            dataset_name,
-            tasks=("bbox", "segm"),
-            distributed=True,
-            output_dir=output_folder,
-            use_fast_impl=compat.has_compiled_ops(),
-        )
+from cmrcnn_ext.engine import Trainer, setup
 
 
 def add_data_arguments(parser):
-    group = parser.add_argument_group("your own COCO-format data (registered as user_train/val)")
+    group = parser.add_argument_group(
+        "your own COCO-format data (registered as user_train / user_val; same as the "
+        "DATASETS.CMRCNN.* config keys)"
+    )
     group.add_argument("--train-json", help="COCO instances JSON for training")
-    group.add_argument("--train-images", help="image root of --train-json")
+    group.add_argument("--train-images", help="image folder of --train-json")
     group.add_argument("--val-json", help="COCO instances JSON for evaluation")
-    group.add_argument("--val-images", help="image root of --val-json")
+    group.add_argument("--val-images", help="image folder of --val-json")
     return parser
-
-
-def setup(args):
-    """get_cfg -> add_cmrcnn_config -> file -> overrides -> data -> checks -> freeze."""
-    cfg = cmrcnn_ext.add_cmrcnn_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logging.getLogger("cmrcnn_ext").warning(
-            "MODEL.DEVICE=%s but CUDA is not available: running on the CPU.", cfg.MODEL.DEVICE
-        )
-        cfg.MODEL.DEVICE = "cpu"
-    register_project_datasets(cfg, args)
-    cfg.freeze()
-    default_setup(cfg, args)
-    return cfg
 
 
 def main(args):

@@ -31,7 +31,7 @@ def register_project_datasets(cfg, args=None):
         if getattr(args, attr, None):
             data[key] = getattr(args, attr)
 
-    from .coco import check_num_classes, num_classes_from_json, register_coco_dataset
+    from .coco import check_num_classes, register_coco_dataset
 
     class_source = None
     for split, json_key, root_key, name, cfg_key in [
@@ -46,10 +46,20 @@ def register_project_datasets(cfg, args=None):
                 f"give the folder the JSON's file_name entries are relative to "
                 f"(--{split}-images DIR)."
             )
-        register_coco_dataset(name, data[json_key], data[root_key])
+        report = register_coco_dataset(name, data[json_key], data[root_key])
         cfg.DATASETS[cfg_key] = (name,)
+        if report.has_rle and cfg.INPUT.MASK_FORMAT != "bitmask":
+            logger.info("%s has RLE masks: INPUT.MASK_FORMAT set to 'bitmask'", data[json_key])
+            cfg.INPUT.MASK_FORMAT = "bitmask"
         class_source = class_source or data[json_key]
 
+    if data.TRAIN_JSON and not data.VAL_JSON:
+        logger.warning(
+            "DATASETS.CMRCNN.TRAIN_JSON is set without VAL_JSON: no evaluation data set "
+            "(DATASETS.TEST was %s). Give --val-json/--val-images to evaluate.",
+            tuple(cfg.DATASETS.TEST),
+        )
+        cfg.DATASETS.TEST = ()
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     if any(n.startswith(SYNTHETIC_PREFIX) for n in names):
         from .synthetic import CLASS_NAMES, register_synthetic_dataset
@@ -65,13 +75,8 @@ def register_project_datasets(cfg, args=None):
             )
 
     if class_source:
-        if cfg.MODEL.ROI_HEADS.NUM_CLASSES == 0:
-            cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes_from_json(class_source)
-            logger.info(
-                "MODEL.ROI_HEADS.NUM_CLASSES set to %d from %s",
-                cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-                class_source,
-            )
-        else:
-            check_num_classes(cfg.MODEL.ROI_HEADS.NUM_CLASSES, class_source)
+        num = check_num_classes(cfg.MODEL.ROI_HEADS.NUM_CLASSES, class_source)
+        if num != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+            logger.info("MODEL.ROI_HEADS.NUM_CLASSES set to %d from %s", num, class_source)
+            cfg.MODEL.ROI_HEADS.NUM_CLASSES = num
     return cfg

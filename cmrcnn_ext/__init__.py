@@ -11,10 +11,18 @@ from . import compat  # noqa: F401  (run-time fixes for Detectron2 v0.6; see com
 from .config import add_cmrcnn_config
 from .mask_head import CMRCNNConvUpsampleHead
 from .roi_heads import CascadeMaskROIHeads
+from .validate import ConfigError, validate_config
 
 __version__ = "0.1.0"
 
-__all__ = ["add_cmrcnn_config", "CascadeMaskROIHeads", "CMRCNNConvUpsampleHead", "get_cfg"]
+__all__ = [
+    "add_cmrcnn_config",
+    "CascadeMaskROIHeads",
+    "CMRCNNConvUpsampleHead",
+    "ConfigError",
+    "get_cfg",
+    "validate_config",
+]
 
 
 def get_cfg():

@@ -25,3 +25,29 @@ def has_compiled_ops() -> bool:
     except ImportError:
         return False
     return not getattr(_C, "CMRCNN_PLACEHOLDER", False)
+
+
+def allow_cpu_ddp():
+    """Let Detectron2's ``DefaultTrainer`` wrap a model on the CPU in DistributedDataParallel.
+
+    ``create_ddp_model`` (v0.6 and the main branch) passes ``device_ids=[local_rank]`` unless
+    told otherwise, which DistributedDataParallel rejects for a CPU model ("device_ids ... only
+    work with single-device/multiple-device GPU modules"). ``DefaultTrainer.__init__`` calls it
+    through the module global ``detectron2.engine.defaults.create_ddp_model``: this replaces that
+    global with a wrapper that passes ``device_ids=None`` for a CPU model and changes nothing
+    otherwise. Called by ``cmrcnn_ext.launch`` in every distributed worker; idempotent.
+    """
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+    if getattr(original, "_cmrcnn_allows_cpu", False):
+        return
+
+    @functools.wraps(original)
+    def create_ddp_model(model, *args, **kwargs):
+        if "device_ids" not in kwargs and all(p.device.type == "cpu" for p in model.parameters()):
+            kwargs["device_ids"] = None
+        return original(model, *args, **kwargs)
+
+    create_ddp_model._cmrcnn_allows_cpu = True
+    defaults.create_ddp_model = create_ddp_model

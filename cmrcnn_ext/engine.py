@@ -1,6 +1,7 @@
 """Trainer and set-up shared by train_net.py and the demo."""
 import logging
 import os
+import weakref
 
 import torch
 
@@ -9,8 +10,12 @@ from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import COCOEvaluator
 
 from . import compat
+from .checkpoint import CMRCNNCheckpointer
 from .config import add_cmrcnn_config
 from .data import register_project_datasets
+from .nonfinite import NonFiniteLossGuard
+from .resume import RNGStateHook, build_resumable_train_loader
+from .validate import validate_config
 
 logger = logging.getLogger(__name__)
 
@@ -20,15 +25,47 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        from .evaluation import build_coco_evaluator
+
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        # Detectron2's C++ COCOeval exists only where detectron2._C is compiled.
-        return COCOEvaluator(
-            dataset_name,
-            tasks=("bbox", "segm"),
-            distributed=True,
-            output_dir=output_folder,
-            use_fast_impl=compat.has_compiled_ops(),
+        # TEST.CMRCNN_EVALUATOR: "faster" (faster-coco-eval, default) or "pycocotools"
+        # (Detectron2's COCOEvaluator with the official pycocotools COCOeval).
+        return build_coco_evaluator(cfg, dataset_name, output_folder, distributed=True)
+
+    def build_hooks(self):
+        """Detectron2's hooks, preceded by :class:`~cmrcnn_ext.nonfinite.NonFiniteLossGuard`.
+
+        The guard stops training at the first NaN/inf loss term, before the backward pass and
+        before any checkpoint of that iteration, on every process (see cmrcnn_ext/nonfinite.py).
+        """
+        # DefaultTrainer.__init__ has just created self.checkpointer and builds the hooks next:
+        # swap in CMRCNNCheckpointer (more weight layouts, atomic saves) with DefaultTrainer's
+        # arguments and checkpointables, before PeriodicCheckpointer takes it.
+        self.checkpointer = CMRCNNCheckpointer(
+            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
+        # RNGStateHook before the checkpointer: exact resume (cmrcnn_ext/resume.py).
+        return [NonFiniteLossGuard(), RNGStateHook()] + super().build_hooks()
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's training loader whose data stream continues where a resumed run
+        stopped (see :func:`~cmrcnn_ext.resume.build_resumable_train_loader`)."""
+        return build_resumable_train_loader(cfg)
+
+    # Detectron2 v0.6's DefaultTrainer checkpoints only the iteration and the hooks' states: the
+    # optimizer (momentum, and the LR of the next iteration) was lost on resume. Save and load
+    # the inner trainer's state under "_trainer", as later Detectron2 versions do.
+    def state_dict(self):
+        ret = super().state_dict()
+        if "_trainer" not in ret:
+            ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict and "load_state_dict" not in DefaultTrainer.__dict__:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
 
 def setup_cfg(config_file, opts=(), args=None, freeze=True):
@@ -55,6 +92,7 @@ def setup_cfg(config_file, opts=(), args=None, freeze=True):
         logger.warning("MODEL.DEVICE=%s but CUDA is not available: running on the CPU.", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
     register_project_datasets(cfg, args)
+    validate_config(cfg)
     if freeze:
         cfg.freeze()
     return cfg

@@ -222,7 +222,9 @@ HPARAMS: List[HParam] = [
            "ResNeXt.", 64),
     HParam("MODEL.RESNETS.RES2_OUT_CHANNELS", 256, _POS_INT,
            "Output channels of res2: 256 for depth >= 50; must be 64 for R18/R34.", 256),
-    HParam("MODEL.RESNETS.NORM", "FrozenBN", OneOf("FrozenBN", "BN", "SyncBN", "GN", ""),
+    HParam("MODEL.RESNETS.NORM", "FrozenBN",
+           OneOf("FrozenBN", "BN", "SyncBN", "GN", "", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N",
+                 text='"FrozenBN", "BN", "SyncBN", "GN", "" (none), Detectron2\'s naiveSyncBN'),
            "Normalisation in the ResNet: FrozenBN to fine-tune pretrained weights; GN or SyncBN "
            "to train from scratch or with large per-GPU batches.", "FrozenBN"),
     HParam("MODEL.WEIGHTS", _R50_ZOO, _ANY_PATH,
@@ -283,7 +285,7 @@ HPARAMS: List[HParam] = [
            "Box-regression target scaling of each stage; larger weights for later stages, whose "
            "boxes need finer corrections.", _REG_W),
     HParam("MODEL.ROI_HEADS.IOU_THRESHOLDS", [0.5],
-           ListOf(Number(0, 1, low_open=True), length=1, text="[IOUS[0]]"),
+           ListOf(Number(0, 1, low_open=True), min_length=1, text="[IOUS[0]] (cascade heads)"),
            "Foreground IoU of the first stage's proposal sampling.", [0.5],
            "Must equal ROI_BOX_CASCADE_HEAD.IOUS[0]."),
     HParam("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True, OneOf(True, False),
@@ -300,6 +302,10 @@ HPARAMS: List[HParam] = [
     HParam("MODEL.CMRCNN.TEST_MASK_MERGE", "mean", OneOf("last", "mean"),
            "Test-time masks from the last stage's head, or the mean of every stage head's "
            "mask probabilities.", note="\"mean\" needs MASK_STAGES \"all\"."),
+    HParam("MODEL.CMRCNN.FAST_ROI_ALIGN", True, OneOf(True, False),
+           "Compute the box and mask poolers' ROIAlign as a weighted gather on the CPU: same "
+           "numbers as torchvision's kernel (to ~1e-6), faster, most of all in training.",
+           note="CPU only; CUDA always uses torchvision. False = exactly Detectron2's poolers."),
     # --- your data
     HParam("DATASETS.CMRCNN.TRAIN_JSON", "", _ANY_PATH,
            "Your COCO-format training JSON, registered as \"user_train\" and used as "
@@ -380,8 +386,14 @@ def _rows(code: bool = False) -> List[Tuple[str, ...]]:
         meaning = h.meaning + (f" {h.note}" if h.note else "")
         key = f"`{h.key}`" if code else h.key
         rows.append((key, fmt(h.default), str(h.allowed), h.detectron2_column(fmt), meaning))
-    if code:  # Markdown: a "|" inside a cell would end it
-        rows = [tuple(c.replace("|", "\\|") for c in row) for row in rows]
+    if code:  # Markdown: "|" would end a cell; "*" could start emphasis outside code spans
+        rows = [
+            tuple(
+                c.replace("|", "\\|").replace("*", "\\*" if i in (2, 4) else "*")
+                for i, c in enumerate(row)
+            )
+            for row in rows
+        ]
     return rows
 
 

@@ -19,6 +19,7 @@ from detectron2.structures import Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from .config import MASK_STAGES_CHOICES, TEST_MASK_MERGE_CHOICES
+from .layers import use_fast_roi_align
 
 _STAGE_SUFFIX = re.compile(r"_stage(\d+)$")
 
@@ -48,6 +49,7 @@ class CascadeMaskROIHeads(CascadeROIHeads):
         mask_stages: str = "first",
         stage_loss_weights: Optional[Sequence[float]] = None,
         test_mask_merge: str = "last",
+        fast_roi_align: bool = False,
         **kwargs,
     ):
         """
@@ -56,6 +58,8 @@ class CascadeMaskROIHeads(CascadeROIHeads):
                 "all", ``mask_head`` must be an ``nn.ModuleList`` with one head per stage.
             stage_loss_weights: one weight >= 0 per stage; default all 1.
             test_mask_merge: "last" or "mean" ("mean" needs ``mask_stages="all"``).
+            fast_roi_align: use :class:`~cmrcnn_ext.layers.FastROIAlign` in the box and mask
+                poolers (same numbers as torchvision's ROIAlign to ~1e-6, faster on the CPU).
             kwargs: arguments of :class:`CascadeROIHeads`.
         """
         super().__init__(**kwargs)
@@ -79,6 +83,11 @@ class CascadeMaskROIHeads(CascadeROIHeads):
                     "MODEL.CMRCNN.TEST_MASK_MERGE='mean' needs mask heads with mask_probs(); "
                     "set MODEL.ROI_MASK_HEAD.NAME to 'CMRCNNConvUpsampleHead'."
                 )
+        self.fast_roi_align = fast_roi_align
+        if fast_roi_align:
+            for pooler in (self.box_pooler, getattr(self, "mask_pooler", None)):
+                if pooler is not None:
+                    use_fast_roi_align(pooler)
         # Stage index -> that stage's labelled input boxes, kept only during a training forward.
         self._stage_inputs: Optional[Dict[int, List[Instances]]] = None
 
@@ -89,6 +98,7 @@ class CascadeMaskROIHeads(CascadeROIHeads):
             mask_stages=cfg.MODEL.CMRCNN.MASK_STAGES,
             stage_loss_weights=list(cfg.MODEL.CMRCNN.STAGE_LOSS_WEIGHTS),
             test_mask_merge=cfg.MODEL.CMRCNN.TEST_MASK_MERGE,
+            fast_roi_align=cfg.MODEL.CMRCNN.FAST_ROI_ALIGN,
         )
         return ret
 

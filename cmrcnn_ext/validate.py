@@ -64,11 +64,10 @@ class _Checker:
         missing = object()
         return all(k not in self.bad and self.get(k, missing) is not missing for k in keys)
 
-    def add(self, key: str, problem: str, allowed: str, fix: str, value: Any = None) -> None:
-        value = self.get(key) if value is None else value
-        self.problems.append(
-            f"{key} = {format_value(value)}: {problem}. Allowed: {allowed}. Fix: {fix.rstrip('.')}."
-        )
+    def add(self, key: str, problem: str, allowed: str, fix: str) -> None:
+        """Record a problem of ``key`` (whose value is read from the config)."""
+        value = format_value(self.get(key))
+        self.problems.append(f"{key} = {value}: {problem}. Allowed: {allowed}. Fix: {fix}.")
         self.bad.add(key)
 
 
@@ -102,7 +101,7 @@ def _check_rpn(c: _Checker) -> None:
                 post,
                 f"more than {pre} = {c.get(pre)}",
                 f"1 .. {pre}",
-                f"lower {post} or raise {pre}. {_PER_LEVEL}",
+                f"lower {post} or raise {pre}. {_PER_LEVEL.rstrip('.')}",
             )
 
 

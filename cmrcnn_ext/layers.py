@@ -1,0 +1,168 @@
+"""A faster ROIAlign for the CPU, with the same numbers as torchvision's.
+
+ROIAlign (He et al., "Mask R-CNN") averages bilinear samples of a feature map on a regular grid
+in each output bin. Every output value is therefore a fixed weighted sum of at most
+``4 * grid_h * grid_w`` input values, so the whole operator is a sparse linear map. This module
+computes the sample indices and bilinear weights with the exact rules of torchvision's kernel
+(sample positions, the ``aligned`` half-pixel offset, the adaptive grid of
+``sampling_ratio=0``, clamping at the borders, zero outside ``[-1, size]``) and applies them with
+``torch.nn.functional.embedding_bag``: a multi-threaded gather-and-sum forward and a
+scatter-add backward, where torchvision's CPU backward is single-threaded. Results equal
+torchvision's up to float rounding (about 1e-6 relative; tested).
+
+Used by :class:`~cmrcnn_ext.roi_heads.CascadeMaskROIHeads` when ``MODEL.CMRCNN.FAST_ROI_ALIGN``
+is true and the model runs on the CPU; on CUDA torchvision's kernel is used.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+
+def _axis(start, length, pooled, grid, grid_max, size):
+    """Corner indices and weights along one axis.
+
+    Args:
+        start, length (Tensor): (R,) ROI start and length in feature-map pixels.
+        pooled (int): output bins along this axis.
+        grid (Tensor): (R,) samples per bin for each ROI (its adaptive or fixed grid).
+        grid_max (int): the largest value of ``grid``.
+        size (int): feature-map length along this axis.
+
+    Returns:
+        (idx, weight): (R, pooled, grid_max * 2) corner indices and weights; samples beyond a
+        ROI's own grid have weight 0.
+    """
+    bin_size = length / pooled
+    p = torch.arange(pooled, device=start.device, dtype=start.dtype)
+    i = torch.arange(grid_max, device=start.device, dtype=start.dtype)
+    # same expression as torchvision: start + p * bin + (i + .5) * bin / grid
+    pos = (
+        start[:, None, None]
+        + p[None, :, None] * bin_size[:, None, None]
+        + (i[None, None, :] + 0.5) * bin_size[:, None, None] / grid.clamp(min=1)[:, None, None]
+    )
+    used = (i[None, :] < grid[:, None]).unsqueeze(1)  # (R, 1, grid_max)
+    inside = (pos >= -1.0) & (pos <= size) & used
+    pos = pos.clamp(min=0)
+    low = pos.floor().long()
+    at_edge = low >= size - 1
+    low = torch.where(at_edge, torch.full_like(low, size - 1), low)
+    high = torch.where(at_edge, low, low + 1)
+    pos = torch.where(at_edge, low.to(pos.dtype), pos)
+    frac = pos - low
+    weight = torch.stack([1 - frac, frac], -1) * inside.unsqueeze(-1)
+    idx = torch.stack([low, high], -1)
+    r = start.shape[0]
+    return idx.reshape(r, pooled, grid_max * 2), weight.reshape(r, pooled, grid_max * 2)
+
+
+def roi_align_gather(features, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """ROIAlign with torchvision's arguments and results, computed as a weighted gather.
+
+    Args:
+        features (Tensor): (N, C, H, W).
+        rois (Tensor): (R, 5) rows of (batch index, x0, y0, x1, y1) in image coordinates.
+        output_size (tuple[int, int]): (pooled_h, pooled_w).
+        spatial_scale (float): feature-map size / image size.
+        sampling_ratio (int): samples per bin along each axis; 0 = adaptive
+            (``ceil(roi_size / pooled)``, per ROI).
+        aligned (bool): shift boxes by -0.5 pixel (ROIAlignV2).
+
+    Returns:
+        Tensor: (R, C, pooled_h, pooled_w).
+    """
+    n, c, h, w = features.shape
+    ph, pw = output_size
+    r = rois.shape[0]
+    if r == 0:
+        return features.new_zeros((0, c, ph, pw))
+    rois = rois.to(features.dtype)
+    offset = 0.5 if aligned else 0.0
+    x0 = rois[:, 1] * spatial_scale - offset
+    y0 = rois[:, 2] * spatial_scale - offset
+    rw = rois[:, 3] * spatial_scale - offset - x0
+    rh = rois[:, 4] * spatial_scale - offset - y0
+    if not aligned:  # torchvision forces malformed ROIs to 1x1 in the legacy mode
+        rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
+    if sampling_ratio > 0:
+        gy = torch.full_like(rh, sampling_ratio)
+        gx = torch.full_like(rw, sampling_ratio)
+    else:
+        # per ROI, as torchvision; a zero-size ROI gets a 0-sample grid and outputs 0
+        gy, gx = torch.ceil(rh / ph), torch.ceil(rw / pw)
+    gy_max, gx_max = max(1, int(gy.max())), max(1, int(gx.max()))
+    iy, wy = _axis(y0, rh, ph, gy, gy_max, h)  # (R, ph, Ky)
+    ix, wx = _axis(x0, rw, pw, gx, gx_max, w)  # (R, pw, Kx)
+    count = (gy * gx).clamp(min=1)
+    batch = rois[:, 0].long()
+    idx = (batch[:, None, None, None, None] * h + iy[:, :, None, :, None]) * w + ix[
+        :, None, :, None, :
+    ]
+    weight = wy[:, :, None, :, None] * wx[:, None, :, None, :] / count[:, None, None, None, None]
+    k = idx.shape[-2] * idx.shape[-1]
+    table = features.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    out = F.embedding_bag(
+        idx.reshape(r * ph * pw, k), table, per_sample_weights=weight.reshape(r * ph * pw, k),
+        mode="sum",
+    )  # fmt: skip
+    return out.reshape(r, ph, pw, c).permute(0, 3, 1, 2)
+
+
+class FastROIAlign(nn.Module):
+    """Drop-in for ``detectron2.layers.ROIAlign``: gather-based on the CPU, torchvision on CUDA.
+
+    Args:
+        output_size (int or tuple): pooled size.
+        spatial_scale (float): feature-map size / image size.
+        sampling_ratio (int): samples per bin per axis, 0 = adaptive.
+        aligned (bool): ROIAlignV2's half-pixel shift.
+    """
+
+    def __init__(self, output_size, spatial_scale, sampling_ratio, aligned=True):
+        super().__init__()
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.output_size = tuple(output_size)
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    @classmethod
+    def from_roi_align(cls, module):
+        """Build from a Detectron2 ``ROIAlign`` module with the same settings."""
+        return cls(module.output_size, module.spatial_scale, module.sampling_ratio, module.aligned)
+
+    def forward(self, input, rois):
+        if input.is_cuda or torch.jit.is_scripting() or torch.jit.is_tracing():
+            return roi_align(
+                input, rois.to(input.dtype), self.output_size, self.spatial_scale,
+                self.sampling_ratio, self.aligned,
+            )  # fmt: skip
+        return roi_align_gather(
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+        )
+
+    def extra_repr(self):
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+        )
+
+
+def use_fast_roi_align(pooler):
+    """Replace the ``ROIAlign`` / ``ROIAlignV2`` level poolers of a Detectron2 ``ROIPooler``.
+
+    Returns the number of level poolers replaced (0 for other pooler types).
+    """
+    from detectron2.layers import ROIAlign
+
+    replaced = 0
+    for i, level in enumerate(pooler.level_poolers):
+        if isinstance(level, ROIAlign):
+            pooler.level_poolers[i] = FastROIAlign.from_roi_align(level)
+            replaced += 1
+    return replaced
+
+
+__all__ = ["FastROIAlign", "roi_align_gather", "use_fast_roi_align"]

@@ -1,0 +1,159 @@
+"""FastCOCOEvaluator (faster-coco-eval) == Detectron2's COCOEvaluator with pycocotools.
+
+The ground truth and predictions are synthetic (cmrcnn_ext.data.synthetic_results): RLE and
+polygon masks, iscrowd regions, images without annotations, non-contiguous category ids,
+duplicates, false positives and score ties. benchmarks/bench_eval.py shows the same on 500+
+images with timings.
+"""
+import contextlib
+import copy
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+import cmrcnn_ext
+from cmrcnn_ext.data.synthetic_results import (
+    CATEGORIES,
+    iter_model_outputs,
+    make_coco_eval_set,
+    register_eval_set,
+)
+from cmrcnn_ext.engine import Trainer
+from cmrcnn_ext.evaluation import FastCOCOEvaluator, build_coco_evaluator
+from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import coco_evaluation as d2_coco_evaluation
+
+TASKS = ("bbox", "segm")
+
+
+@pytest.fixture(scope="module")
+def eval_set(tmp_path_factory):
+    """500 images: the ground-truth JSON and the model outputs, processed once."""
+    tmp = tmp_path_factory.mktemp("eval_set")
+    gt, dets = make_coco_eval_set(500, seed=0)
+    json_file = str(tmp / "gt.json")
+    with open(json_file, "w") as f:
+        json.dump(gt, f)
+    register_eval_set("cmrcnn_test_eval_set", json_file)
+    ev = COCOEvaluator("cmrcnn_test_eval_set", tasks=TASKS, distributed=False, use_fast_impl=False)
+    ev.reset()
+    for inputs, outputs in iter_model_outputs(dets):
+        ev.process(inputs, outputs)
+    # Both evaluators receive exactly these (Detectron2's process() output).
+    return {"gt": gt, "name": "cmrcnn_test_eval_set", "predictions": ev._predictions, "tmp": tmp}
+
+
+def _run(evaluator, predictions):
+    evaluator.reset()
+    evaluator._predictions = copy.deepcopy(predictions)  # Detectron2 modifies them in place
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its summary
+        return evaluator.evaluate()
+
+
+def _run_pycocotools(monkeypatch, evaluator, predictions):
+    """Detectron2's evaluation, also returning the 12 COCOeval stats of each task."""
+    stats = {}
+    original = d2_coco_evaluation._evaluate_predictions_on_coco
+
+    def recording(coco_gt, coco_results, iou_type, **kwargs):
+        coco_eval = original(coco_gt, coco_results, iou_type, **kwargs)
+        stats[iou_type] = [float(s) for s in coco_eval.stats]
+        return coco_eval
+
+    monkeypatch.setattr(d2_coco_evaluation, "_evaluate_predictions_on_coco", recording)
+    results = _run(evaluator, predictions)
+    monkeypatch.undo()
+    return results, stats
+
+
+def _assert_same(ref_results, ref_stats, ours, our_results):
+    for task in TASKS:
+        assert len(ref_stats[task]) == len(ours.coco_stats[task]) == 12
+        np.testing.assert_allclose(ours.coco_stats[task], ref_stats[task], rtol=0, atol=5e-5,
+                                   err_msg=task)
+        assert set(our_results[task]) == set(ref_results[task])
+        for key, ref in ref_results[task].items():  # AP, AP50, ..., AP-<class>, in percent
+            assert our_results[task][key] == pytest.approx(ref, abs=5e-3, nan_ok=True), (task, key)
+
+
+def test_same_stats_and_per_category_ap_as_pycocotools(eval_set, monkeypatch, tmp_path):
+    gt = eval_set["gt"]
+    # The set exercises what differs between evaluators: crowd, polygons, empty images, ties.
+    anns = gt["annotations"]
+    assert sum(a["iscrowd"] for a in anns) >= 5
+    assert sum(isinstance(a["segmentation"], list) for a in anns) >= 20
+    assert len({a["image_id"] for a in anns}) < len(gt["images"])
+    scores = [r["score"] for p in eval_set["predictions"] for r in p["instances"]]
+    assert len(scores) - len(set(scores)) >= 20
+
+    ref = COCOEvaluator(eval_set["name"], tasks=TASKS, distributed=False,
+                        output_dir=str(tmp_path / "ref"), use_fast_impl=False)
+    ours = FastCOCOEvaluator(eval_set["name"], tasks=TASKS, distributed=False,
+                             output_dir=str(tmp_path / "ours"))
+    ref_results, ref_stats = _run_pycocotools(monkeypatch, ref, eval_set["predictions"])
+    our_results = _run(ours, eval_set["predictions"])
+    _assert_same(ref_results, ref_stats, ours, our_results)
+    assert {f"AP-{name}" for _, name in CATEGORIES} <= set(our_results["segm"])
+    assert 5 < our_results["segm"]["AP"] < 95 and 5 < our_results["bbox"]["AP"] < 95
+    # Same results file (category ids mapped back to the dataset's).
+    with open(tmp_path / "ref" / "coco_instances_results.json") as a, \
+            open(tmp_path / "ours" / "coco_instances_results.json") as b:
+        assert json.load(a) == json.load(b)
+    # evaluate() leaves the stored predictions as they are: a second call gives the same.
+    assert ours.evaluate() == our_results
+
+
+def test_same_with_max_dets_and_img_ids(eval_set, monkeypatch):
+    """max_dets_per_image != 100 (Detectron2's COCOevalMaxDets) and a subset of images."""
+    ref = COCOEvaluator(eval_set["name"], tasks=TASKS, distributed=False, use_fast_impl=False,
+                        max_dets_per_image=5)
+    ours = FastCOCOEvaluator(eval_set["name"], tasks=TASKS, distributed=False,
+                             max_dets_per_image=5)
+    img_ids = [img["id"] for img in eval_set["gt"]["images"][::3]]
+    stats = {}
+    original = d2_coco_evaluation._evaluate_predictions_on_coco
+
+    def recording(coco_gt, coco_results, iou_type, **kwargs):
+        coco_eval = original(coco_gt, coco_results, iou_type, **kwargs)
+        stats[iou_type] = [float(s) for s in coco_eval.stats]
+        return coco_eval
+
+    monkeypatch.setattr(d2_coco_evaluation, "_evaluate_predictions_on_coco", recording)
+    results = []
+    for ev in (ref, ours):
+        ev.reset()
+        ev._predictions = copy.deepcopy(eval_set["predictions"])
+        with contextlib.redirect_stdout(io.StringIO()):
+            results.append(ev.evaluate(img_ids=img_ids))
+    monkeypatch.undo()
+    _assert_same(results[0], stats, ours, results[1])
+
+
+def test_no_predictions_gives_nan_like_detectron2(eval_set):
+    ours = FastCOCOEvaluator(eval_set["name"], tasks=TASKS, distributed=False)
+    preds = [{"image_id": p["image_id"], "instances": []} for p in eval_set["predictions"]]
+    results = _run(ours, preds)
+    assert set(results) == set(TASKS)
+    assert all(np.isnan(v) for v in results["bbox"].values())
+
+
+def test_build_coco_evaluator_switch(eval_set, tmp_path):
+    cfg = cmrcnn_ext.get_cfg()
+    assert cfg.TEST.CMRCNN_EVALUATOR == "faster"
+    cfg.MODEL.MASK_ON = True
+    name = eval_set["name"]
+    ev = Trainer.build_evaluator(cfg, name, output_folder=str(tmp_path))
+    assert isinstance(ev, FastCOCOEvaluator)
+    assert ev._tasks == ("bbox", "segm")
+    cfg.TEST.CMRCNN_EVALUATOR = "pycocotools"
+    ev = Trainer.build_evaluator(cfg, name, output_folder=str(tmp_path))
+    assert type(ev) is COCOEvaluator and ev._use_fast_impl is False
+    cfg.MODEL.MASK_ON = False
+    assert build_coco_evaluator(cfg, name, backend="faster")._tasks == ("bbox",)
+    cfg.TEST.CMRCNN_EVALUATOR = "fast"
+    with pytest.raises(ValueError, match="TEST.CMRCNN_EVALUATOR='fast'.*faster.*pycocotools"):
+        Trainer.build_evaluator(cfg, name, output_folder=str(tmp_path))
+    assert os.path.isdir(tmp_path)

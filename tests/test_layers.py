@@ -1,0 +1,46 @@
+"""FastROIAlign equals torchvision's ROIAlign (values and gradients)."""
+import pytest
+import torch
+from torchvision.ops import roi_align
+
+from cmrcnn_ext.layers import FastROIAlign, roi_align_gather
+
+
+def make_rois(n_images, h, w, scale, count, seed):
+    g = torch.Generator().manual_seed(seed)
+    img_h, img_w = h / scale, w / scale
+    b = torch.randint(0, n_images, (count,), generator=g).float()
+    xy = torch.rand(count, 2, generator=g) * torch.tensor([img_w, img_h]) * 1.1 - 5
+    wh = torch.rand(count, 2, generator=g) * torch.tensor([img_w, img_h]) * 0.6
+    rois = torch.cat([b[:, None], xy, xy + wh], 1)
+    rois[0, 1:] = torch.tensor([10.0, 10.0, 10.0, 10.0])  # zero size
+    rois[1, 1:] = torch.tensor([-20.0, -20.0, img_w + 20, img_h + 20])  # beyond the borders
+    rois[2, 1:] = torch.tensor([img_w - 3, img_h - 3, img_w + 1, img_h + 1])  # at the edge
+    return rois
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 1, 2, 3])
+@pytest.mark.parametrize("output_size", [(7, 7), (14, 14), (5, 3)])
+def test_matches_torchvision(aligned, sampling_ratio, output_size):
+    torch.manual_seed(0)
+    n, c, h, w, scale = 2, 8, 23, 31, 0.25
+    feat = torch.randn(n, c, h, w, dtype=torch.float64, requires_grad=True)
+    rois = make_rois(n, h, w, scale, 40, seed=sampling_ratio).double()
+    ref = roi_align(feat, rois, output_size, scale, sampling_ratio, aligned)
+    got = roi_align_gather(feat, rois, output_size, scale, sampling_ratio, aligned)
+    assert torch.allclose(got, ref, atol=1e-10), (got - ref).abs().max()
+    grad_out = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad(ref, feat, grad_out)
+    (g_got,) = torch.autograd.grad(got, feat, grad_out)
+    assert torch.allclose(g_got, g_ref, atol=1e-10)
+
+
+def test_float32_and_module():
+    torch.manual_seed(1)
+    feat = torch.randn(3, 16, 40, 40)
+    rois = make_rois(3, 40, 40, 0.125, 100, seed=7)
+    mod = FastROIAlign((7, 7), 0.125, 2, True)
+    ref = roi_align(feat, rois, (7, 7), 0.125, 2, True)
+    assert torch.allclose(mod(feat, rois), ref, atol=1e-5, rtol=1e-5)
+    assert mod(feat, rois[:0]).shape == (0, 16, 7, 7)

@@ -11,13 +11,20 @@ Examples::
 
 Trailing ``KEY VALUE`` pairs override the config. On a machine without CUDA the model runs on
 the CPU (logged), whatever ``MODEL.DEVICE`` says.
+
+Several processes (see docs/distributed.md): ``--num-gpus N`` starts N processes per machine,
+one per GPU (NCCL) or, on a machine without CUDA, N CPU processes (gloo);
+``torchrun --nproc_per_node N train_net.py ...`` works too (then torchrun's options decide and
+``--num-gpus`` is ignored). ``SOLVER.IMS_PER_BATCH`` is the total batch over all processes.
 """
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 
+from cmrcnn_ext.checkpoint import CMRCNNCheckpointer
+from cmrcnn_ext.determinism import enable_determinism
 from cmrcnn_ext.engine import Trainer, setup
+from cmrcnn_ext.launch import launch
 
 
 def add_data_arguments(parser):
@@ -34,9 +41,11 @@ def add_data_arguments(parser):
 
 def main(args):
     cfg = setup(args)
+    if getattr(args, "deterministic", False):
+        enable_determinism(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        CMRCNNCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
@@ -49,7 +58,14 @@ def main(args):
 
 
 def get_parser():
-    return add_data_arguments(default_argument_parser())
+    parser = add_data_arguments(default_argument_parser())
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning); "
+        "needs a fixed SEED. Same SEED + NUM_WORKERS 0 -> identical losses on the CPU.",
+    )
+    return parser
 
 
 if __name__ == "__main__":

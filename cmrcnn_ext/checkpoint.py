@@ -68,6 +68,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "ACCEPTED_FORMATS",
+    "atomic_write",
     "CheckpointError",
     "CMRCNNCheckpointer",
     "convert_torchvision_resnet",
@@ -89,13 +90,16 @@ _MASK_HEAD = "roi_heads.mask_head."
 _STAGED_MASK_KEY = re.compile(r"^roi_heads\.mask_head\.(\d+)\.(.+)$")
 # Tensors whose first dimension depends on the number of classes.
 _CLASS_DEPENDENT = re.compile(
-    r"(^|\.)(cls_score|bbox_pred)\.(weight|bias)$|(^|\.)mask_head\.(\d+\.)?predictor\.(weight|bias)$"
+    r"(^|\.)(cls_score|bbox_pred)\.(weight|bias)$"
+    r"|(^|\.)mask_head\.(\d+\.)?predictor\.(weight|bias)$"
 )
 _CLS_SCORE = re.compile(r"(^|\.)cls_score\.weight$")
 _TV_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
 _TV_BLOCK_PART = re.compile(r"^(conv|bn)([1-3])\.(.+)$")
 _TV_DOWNSAMPLE = re.compile(r"^downsample\.([01])\.(.+)$")
 _ZIP_MAGIC = b"PK\x03\x04"
+# Temporary files of atomic_write() for checkpoints and last_checkpoint.
+_TEMP_FILE = re.compile(r"^\.(.+\.pth|last_checkpoint)\.[A-Za-z0-9_]+\.tmp$")
 # The first bytes of a legacy (pre-1.6, non-zip) torch.save file: the pickled magic number.
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
 
@@ -262,6 +266,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
+def _to_tensor(value):
+    if isinstance(value, np.ndarray):  # copy: owned, contiguous, writable (0-d stays 0-d)
+        return torch.from_numpy(np.array(value, copy=True, order="C"))
+    return value
+
+
 def _is_url(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
@@ -276,7 +286,9 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
             warning, for local files that need it. Files fetched from URLs never are.
     """
 
-    def __init__(self, model, save_dir="", *, save_to_disk=None, allow_pickle=True, **checkpointables):
+    def __init__(
+        self, model, save_dir="", *, save_to_disk=None, allow_pickle=True, **checkpointables
+    ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.allow_pickle = allow_pickle
         self._source = ""  # what the user asked for (path or URL) during a load
@@ -293,7 +305,8 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
         """
         if not path:
             return super().load(path, *args, **kwargs)
-        self._source, self._from_url = str(path), _is_url(path)
+        path = path if isinstance(path, str) else os.fspath(path)
+        self._source, self._from_url = path, _is_url(path)
         if self._from_url:
             try:
                 path = self.path_manager.get_local_path(path)
@@ -303,7 +316,9 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
                     "access, download it elsewhere and set MODEL.WEIGHTS to the local file."
                 ) from None
         if os.path.isdir(path):
-            raise CheckpointError(f"Checkpoint '{path}' is a folder, not a file. {self._accepted()}")
+            raise CheckpointError(
+                f"Checkpoint '{path}' is a folder, not a file. {self._accepted()}"
+            )
         if not os.path.isfile(path):
             raise CheckpointError(
                 f"Checkpoint file '{path}' does not exist (MODEL.WEIGHTS, or the 'last_checkpoint' "
@@ -409,7 +424,8 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
         data = dict(data)
         if "model" in data:
             if not isinstance(data["model"], Mapping):
-                raise self._error(filename, f"its 'model' entry is a {type(data['model']).__name__}")
+                what = type(data["model"]).__name__
+                raise self._error(filename, f"its 'model' entry is a {what}, not a dict")
             if "__author__" in data:
                 logger.info("Reading a file from '%s'", data["__author__"])
             return data
@@ -420,7 +436,8 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
         if not data or not tensors:
             shown = ", ".join(repr(k) for k in list(data)[:8])
             raise self._error(
-                filename, f"it has no 'model' entry and is not a state_dict (top-level keys: {shown})"
+                filename,
+                f"it has no 'model' entry and is not a state_dict (top-level keys: {shown})",
             )
         if pickled and not is_torchvision_resnet(data) and not any("." in k for k in data):
             # Caffe2 ImageNet model (conv1_w, res2_0_branch2a_w, ...): Detectron2's heuristics
@@ -434,10 +451,10 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
         if bad:
             raise self._error(
                 self._source or "checkpoint",
-                f"its 'model' entry holds non-tensor values (e.g. '{bad[0]}': {type(state[bad[0]]).__name__})",
+                f"its 'model' entry holds non-tensor values (e.g. '{bad[0]}': "
+                f"{type(state[bad[0]]).__name__})",
             )
-        state = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
-                 for k, v in state.items()}  # fmt: skip
+        state = {k: _to_tensor(v) for k, v in state.items()}
         if _strip_module(state.keys()):
             state = {k[len("module."):]: v for k, v in state.items()}
         model_state = self.model.state_dict()
@@ -473,7 +490,7 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
         return "backbone.bottom_up."
 
     @staticmethod
-    def _num_classes_of(state: Mapping, model_state: Mapping) -> Tuple[Optional[int], Optional[int]]:
+    def _num_classes_of(state: Mapping, model_state: Mapping) -> Tuple[Optional[int], ...]:
         def find(sd):
             for k, v in sd.items():
                 if _CLS_SCORE.search(k):
@@ -533,7 +550,8 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
         shape_keys = {s[0] for s in shapes}
         if class_dep:
             ck, mk = info.get("num_classes", (None, None))
-            classes = f" (checkpoint: {ck} classes, model: {mk})" if ck is not None and mk is not None else ""
+            known = ck is not None and mk is not None
+            classes = f" (checkpoint: {ck} classes, model: {mk})" if known else ""
             logger.warning(
                 "Not loading %d class-dependent tensor(s) whose shape depends on the number of "
                 "classes%s; they keep their initialization (expected when fine-tuning on other "
@@ -544,7 +562,8 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
             )
         if other:
             logger.warning(
-                "Not loading %d tensor(s) with another shape in the checkpoint than in the model: %s",
+                "Not loading %d tensor(s) with another shape in the checkpoint than in the "
+                "model: %s",
                 len(other),
                 ", ".join(f"{k} {tuple(c)} -> {tuple(m)}" for k, c, m in other),
             )
@@ -554,7 +573,9 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
             logger.warning(msg or f"Missing from the checkpoint: {missing}")
         if incompatible.unexpected_keys:
             keys = list(incompatible.unexpected_keys)
-            msg = get_unexpected_parameters_message(keys) if get_unexpected_parameters_message else ""
+            msg = ""
+            if get_unexpected_parameters_message:
+                msg = get_unexpected_parameters_message(keys)
             logger.warning(msg or f"Not in the model: {keys}")
         num_model = info.get("num_model", 0)
         logger.info(
@@ -588,8 +609,19 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
         assert os.path.basename(save_file) == basename, basename
         self.logger.info("Saving checkpoint to {}".format(save_file))
         os.makedirs(self.save_dir, exist_ok=True)
+        self._remove_stale_temp_files()
         atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
+
+    def _remove_stale_temp_files(self) -> None:
+        """Remove temporary files left in save_dir by a process killed while saving."""
+        for name in os.listdir(self.save_dir):
+            if _TEMP_FILE.match(name):
+                try:
+                    os.remove(os.path.join(self.save_dir, name))
+                    self.logger.info("Removed %s, left by an interrupted save", name)
+                except OSError:
+                    pass
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Write ``last_checkpoint`` atomically (temporary file + fsync + ``os.replace``)."""
@@ -670,7 +702,10 @@ def _convert_torchvision_cli(args) -> int:
     out = {"model": model, "__author__": "torchvision", "matching_heuristics": not args.prefix}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     atomic_write(args.output, lambda f: pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL))
-    print(f"Wrote {len(model)} tensors (of {len(state)}; fc and num_batches_tracked dropped) to {args.output}")
+    print(
+        f"Wrote {len(model)} tensors (of {len(state)}; fc and num_batches_tracked dropped) "
+        f"to {args.output}"
+    )
     print(
         "Use it with: MODEL.WEIGHTS {} MODEL.RESNETS.STRIDE_IN_1X1 False INPUT.FORMAT RGB "
         "MODEL.PIXEL_MEAN [123.675,116.28,103.53] MODEL.PIXEL_STD [58.395,57.12,57.375]".format(
@@ -682,7 +717,9 @@ def _convert_torchvision_cli(args) -> int:
 
 def main(argv=None) -> int:
     """``python -m cmrcnn_ext.checkpoint convert-torchvision IN.pth OUT.pkl [--prefix P]``."""
-    parser = argparse.ArgumentParser(prog="python -m cmrcnn_ext.checkpoint", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cmrcnn_ext.checkpoint", description=__doc__.splitlines()[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser(
         "convert-torchvision",

@@ -49,7 +49,8 @@ def add_cmrcnn_config(cfg):
     # ROIAlign of the box and mask poolers computed as a weighted gather (cmrcnn_ext/layers.py)
     # instead of torchvision's kernel, on the CPU only: the same numbers up to float rounding
     # (~1e-6), and a multi-threaded backward where torchvision's CPU backward is serial.
-    # False = exactly Detectron2's poolers. On CUDA torchvision's kernel is always used.
+    # False = exactly Detectron2's poolers. On CUDA, and with POOLER_SAMPLING_RATIO 0 (adaptive),
+    # torchvision's kernel is used either way.
     cfg.MODEL.CMRCNN.FAST_ROI_ALIGN = False
 
     # Your own COCO-format instance data, without writing code (train_net.py --train-json ...

@@ -21,7 +21,13 @@ logger = logging.getLogger(__name__)
 
 
 class Trainer(DefaultTrainer):
-    """Detectron2's DefaultTrainer with COCO box + mask evaluation."""
+    """Detectron2's DefaultTrainer with COCO box + mask evaluation.
+
+    Checkpoints go through :class:`~cmrcnn_ext.checkpoint.CMRCNNCheckpointer` (more
+    ``MODEL.WEIGHTS`` layouts, atomic saves), and ``--resume`` continues exactly where the
+    interrupted run stopped: optimizer state, data order and RNG states are restored
+    (cmrcnn_ext/resume.py).
+    """
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -86,10 +92,21 @@ def setup_cfg(config_file, opts=(), args=None, freeze=True):
             f"Config file '{config_file}' does not exist; the configs shipped with cmrcnn_ext "
             "are in its configs/ folder."
         )
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    # yacs raises KeyError (file) or AssertionError (list) for keys the config does not have
+    for source, merge, arg in (
+        (config_file, cfg.merge_from_file, config_file),
+        ("the command line", cfg.merge_from_list, list(opts)),
+    ):
+        try:
+            merge(arg)
+        except (KeyError, AssertionError) as e:
+            if "Non-existent" not in str(e):
+                raise
+            raise ValueError(_unknown_key_message(cfg, str(e), source)) from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE=%s but CUDA is not available: running on the CPU.", cfg.MODEL.DEVICE)
+        logger.warning(
+            "MODEL.DEVICE=%s but CUDA is not available: running on the CPU.", cfg.MODEL.DEVICE
+        )
         cfg.MODEL.DEVICE = "cpu"
     register_project_datasets(cfg, args)
     validate_config(cfg)
@@ -98,8 +115,37 @@ def setup_cfg(config_file, opts=(), args=None, freeze=True):
     return cfg
 
 
+def _unknown_key_message(cfg, error, source):
+    """Turn yacs' "Non-existent config key: X" into a message that names a fix."""
+    import difflib
+
+    key = error.strip("'\"").split(":")[-1].strip()
+    known = []
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            known.append(prefix + k)
+            if hasattr(v, "items"):
+                walk(v, prefix + k + ".")
+
+    walk(cfg, "")
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return (
+        f"Unknown config key {key!r} in {source}.{hint} Keys are Detectron2's (detectron2/config/"
+        "defaults.py) and cmrcnn_ext's (python -m cmrcnn_ext.hparams lists the tuned ones)."
+    )
+
+
 def setup(args):
     """``setup(args)`` of train_net.py: :func:`setup_cfg` + Detectron2's ``default_setup``."""
     cfg = setup_cfg(args.config_file, args.opts, args)
     default_setup(cfg, args)
+    # cmrcnn_ext's own log lines (weights loading, data checks) into log.txt as well; keep
+    # propagating so that callers' handlers still see them.
+    from detectron2.utils import comm
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="cmrcnn_ext")
+    logging.getLogger("cmrcnn_ext").propagate = True
     return cfg

@@ -305,7 +305,8 @@ HPARAMS: List[HParam] = [
     HParam("MODEL.CMRCNN.FAST_ROI_ALIGN", True, OneOf(True, False),
            "Compute the box and mask poolers' ROIAlign as a weighted gather on the CPU: same "
            "numbers as torchvision's kernel (to ~1e-6), faster, most of all in training.",
-           note="CPU only; CUDA always uses torchvision. False = exactly Detectron2's poolers."),
+           note="CPU with a fixed POOLER_SAMPLING_RATIO (> 0) only; otherwise torchvision's "
+           "kernel. False = exactly Detectron2's poolers."),
     # --- your data
     HParam("DATASETS.CMRCNN.TRAIN_JSON", "", _ANY_PATH,
            "Your COCO-format training JSON, registered as \"user_train\" and used as "

@@ -77,7 +77,9 @@ def launch(
         ``None`` where workers were spawned.
     """
     if started_by_torchrun():
-        return _torchrun_worker(main_func, args, num_gpus_per_machine, num_machines, timeout, backend)
+        return _torchrun_worker(
+            main_func, args, num_gpus_per_machine, num_machines, timeout, backend
+        )
 
     world_size = num_machines * num_gpus_per_machine
     if torch.cuda.is_available() and backend in (None, "nccl"):
@@ -137,7 +139,15 @@ def _find_free_port():
 
 
 def _spawned_worker(
-    local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout, backend
+    local_rank,
+    main_func,
+    world_size,
+    num_per_machine,
+    machine_rank,
+    dist_url,
+    args,
+    timeout,
+    backend,
 ):
     """Body of a worker spawned by :func:`launch` on a machine without CUDA."""
     global_rank = machine_rank * num_per_machine + local_rank
@@ -155,6 +165,7 @@ def _spawned_worker(
         raise
     _after_init(num_per_machine, local_rank, backend)
     main_func(*args)
+    _shut_down()
 
 
 def _torchrun_worker(main_func, args, num_gpus_per_machine, num_machines, timeout, backend):
@@ -169,7 +180,8 @@ def _torchrun_worker(main_func, args, num_gpus_per_machine, num_machines, timeou
             f"({local_size}; LOCAL_WORLD_SIZE or --num-gpus): every machine must run the same "
             "number of processes."
         )
-    if (num_gpus_per_machine, num_machines) not in ((1, 1), (local_size, world_size // local_size)):
+    expected = ((1, 1), (local_size, world_size // local_size))
+    if rank == 0 and (num_gpus_per_machine, num_machines) not in expected:
         logger.warning(
             "Started by torchrun (%d processes per machine, world size %d): --num-gpus %d / "
             "--num-machines %d are ignored.",
@@ -178,13 +190,17 @@ def _torchrun_worker(main_func, args, num_gpus_per_machine, num_machines, timeou
     backend = backend or default_backend()
     if backend == "gloo" and "OMP_NUM_THREADS" not in os.environ:
         _limit_cpu_threads(local_size)
-    if not dist.is_initialized():
+    initialized_here = not dist.is_initialized()
+    if initialized_here:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     assert dist.get_rank() == rank and dist.get_world_size() == world_size
     _after_init(local_size, local_rank, backend)
-    return main_func(*args)
+    result = main_func(*args)
+    if initialized_here:
+        _shut_down()
+    return result
 
 
 def _after_init(num_per_machine, local_rank, backend):
@@ -203,6 +219,12 @@ def _after_init(num_per_machine, local_rank, backend):
     create_local_process_group(num_per_machine)
     comm.synchronize()
     assert comm.get_local_rank() == local_rank, (comm.get_local_rank(), local_rank)
+
+
+def _shut_down():
+    """After a successful ``main_func``: wait for the other ranks, then release the group."""
+    comm.synchronize()
+    dist.destroy_process_group()
 
 
 def create_local_process_group(num_workers_per_machine):

@@ -11,7 +11,8 @@ scatter-add backward, where torchvision's CPU backward is single-threaded. Resul
 torchvision's up to float rounding (about 1e-6 relative; tested).
 
 Used by :class:`~cmrcnn_ext.roi_heads.CascadeMaskROIHeads` when ``MODEL.CMRCNN.FAST_ROI_ALIGN``
-is true and the model runs on the CPU; on CUDA torchvision's kernel is used.
+is true, the model runs on the CPU and the pooler's sampling ratio is fixed (> 0); on CUDA, and
+for the adaptive ``sampling_ratio=0``, torchvision's kernel is used.
 """
 import torch
 import torch.nn.functional as F
@@ -134,7 +135,14 @@ class FastROIAlign(nn.Module):
         return cls(module.output_size, module.spatial_scale, module.sampling_ratio, module.aligned)
 
     def forward(self, input, rois):
-        if input.is_cuda or torch.jit.is_scripting() or torch.jit.is_tracing():
+        # The adaptive grid (sampling_ratio 0) varies per ROI; padded to the largest grid, the
+        # gather does more work than torchvision's kernel, so that case stays with torchvision.
+        if (
+            input.is_cuda
+            or self.sampling_ratio <= 0
+            or torch.jit.is_scripting()
+            or torch.jit.is_tracing()
+        ):
             return roi_align(
                 input, rois.to(input.dtype), self.output_size, self.spatial_scale,
                 self.sampling_ratio, self.aligned,

@@ -13,6 +13,13 @@ and the ranks they came from. The error is raised inside ``run_step`` before ``b
 ``optimizer.step()``: the weights in memory stay those of the last good iteration, and
 the hooks' ``after_step`` (the ``PeriodicCheckpointer``) does not run, so no checkpoint is
 written for the failed iteration and ``last_checkpoint`` keeps pointing to the last good one.
+
+A step can also make weights NaN/inf while every loss was finite (a NaN or overflowing
+gradient, a huge learning rate). The guard, the first hook, then raises
+:class:`NonFiniteWeightsError` in ``after_step``, before the ``PeriodicCheckpointer`` hook
+could save them. Weights that are finite but useless (say 1e30) are not detected: the next
+iteration's loss usually overflows and stops training, but a checkpoint written in between
+holds them.
 """
 import logging
 import math
@@ -169,6 +176,7 @@ class NonFiniteLossGuard(HookBase):
         if torch.isfinite(_max_abs(params)):
             return
         model = self.trainer.model
+        model = getattr(model, "module", model)  # names without DDP's "module." prefix
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
         if not bad:  # pragma: no cover - max-abs of finite values is finite
             return

@@ -88,8 +88,10 @@ class ResumableSampler(torchdata.Sampler):
         self._skip, self._prefix = int(skip), [int(i) for i in prefix]
 
     def __iter__(self):
-        yield from self._prefix
-        yield from itertools.islice(iter(self.sampler), self._skip, None)
+        # the start is read now, not when the stream is first advanced
+        return itertools.chain(
+            list(self._prefix), itertools.islice(iter(self.sampler), self._skip, None)
+        )
 
 
 def _current_iteration() -> int:
@@ -227,7 +229,9 @@ def _default_sampler(cfg, dataset):
     raise ValueError(f"Unknown training sampler: {name}")
 
 
-def build_resumable_train_loader(cfg, mapper=None, dataset=None, sampler=None) -> ResumableTrainLoader:
+def build_resumable_train_loader(
+    cfg, mapper=None, dataset=None, sampler=None
+) -> ResumableTrainLoader:
     """Detectron2's ``build_detection_train_loader(cfg)`` that resumes its data stream.
 
     Same data set (``DATASETS.TRAIN``, filtered as Detectron2 does), mapper (``DatasetMapper(cfg,

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 DEMO_CONFIG = os.path.join(CONFIGS, "cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml")
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("CMRCNN_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 def tiny_cfg(*opts, config=DEMO_CONFIG):

@@ -17,6 +17,7 @@ from conftest import DEMO_CONFIG, ROOT
 # log lines are shown too).
 RUNNER = (
     "import logging, runpy, sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); "
+    "torch.set_num_threads(1); "
     "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s'); "
     "sys.argv = ['train_net.py'] + sys.argv[1:]; runpy.run_path('train_net.py', run_name='__main__')"
 )
@@ -60,8 +61,13 @@ def _command(data_root, json_file, out_dir, resume=False):
         "INPUT.MASK_FORMAT", "bitmask",
         "INPUT.MIN_SIZE_TRAIN", "(56, 64, 72, 80)",  # random resize + flip: augmentation RNG
         "INPUT.MAX_SIZE_TRAIN", 96,
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64,
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
+        # a small model: fast enough for a test
+        "MODEL.FPN.OUT_CHANNELS", 32,
+        "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+        "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200,
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN", 32,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16,
     ]  # fmt: skip
     cmd = [sys.executable, "-c", RUNNER, "--config-file", DEMO_CONFIG,
            "--train-json", json_file, "--train-images", data_root]  # fmt: skip
@@ -69,14 +75,22 @@ def _command(data_root, json_file, out_dir, resume=False):
 
 
 def _env(tmp_path):
-    env = dict(os.environ, CMRCNN_EXT_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, CMRCNN_EXT_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # fmt: skip
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
-def _run(cmd, tmp_path, name):
+def _start(cmd, tmp_path, name):
     with open(tmp_path / f"{name}.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT, timeout=300)
+        return subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(proc, tmp_path, name, timeout=300):
+    try:
+        proc.wait(timeout)
+    finally:
+        proc.kill()
     text = (tmp_path / f"{name}.log").read_text()
     assert proc.returncode == 0, text[-3000:]
     return text
@@ -92,13 +106,10 @@ def test_killed_and_resumed_training_matches_uninterrupted(tmp_path):
     json_file = _make_data(data_root)
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
 
-    # 1. uninterrupted: 8 iterations
-    _run(_command(data_root, json_file, full), tmp_path, "full")
-
-    # 2. the same run, SIGKILLed as soon as the checkpoint of iteration 6 is tagged
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(_command(data_root, json_file, killed), cwd=ROOT, env=_env(tmp_path),
-                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    # 1. uninterrupted: 8 iterations; 2. the same run (in parallel, one thread each), SIGKILLed
+    # as soon as the checkpoint of iteration 6 is tagged
+    reference = _start(_command(data_root, json_file, full), tmp_path, "full")
+    proc = _start(_command(data_root, json_file, killed), tmp_path, "killed")
     tag = os.path.join(killed, "last_checkpoint")
     deadline = time.time() + 240
     try:
@@ -112,6 +123,7 @@ def test_killed_and_resumed_training_matches_uninterrupted(tmp_path):
         proc.kill()
         proc.wait()
     assert not os.path.exists(os.path.join(killed, "model_final.pth"))
+    _finish(reference, tmp_path, "full")
     ckpt5 = torch.load(os.path.join(killed, "model_0000005.pth"), weights_only=True)  # no pickle
     assert ckpt5["trainer"]["iteration"] == 5
     # Detectron2 v0.6 checkpoints its LRMultiplier (an _LRScheduler); Trainer adds the optimizer
@@ -124,7 +136,7 @@ def test_killed_and_resumed_training_matches_uninterrupted(tmp_path):
     ]
 
     # 3. resume: iterations 6 and 7
-    log = _run(_command(data_root, json_file, killed, resume=True), tmp_path, "resumed")
+    log = _finish(_start(_command(data_root, json_file, killed, True), tmp_path, "resumed"), tmp_path, "resumed")
     assert "Starting training from iteration 6" in log
     assert "Training data resumes at iteration 6" in log
     assert "Restoring the RNG states" in log
@@ -143,8 +155,89 @@ def test_killed_and_resumed_training_matches_uninterrupted(tmp_path):
         for name, value in state.items():
             if torch.is_tensor(value):
                 assert torch.allclose(value, opt_b["state"][k][name], rtol=0, atol=1e-6), (k, name)
-    # the LR and losses logged at the last iteration agree
+    # the LR logged at the last iteration agrees (losses are logged as medians of the process's
+    # history, which differ)
     ma, mb = _last_metrics(full), _last_metrics(killed)
     assert ma["iteration"] == mb["iteration"] == 7
     assert ma["lr"] == mb["lr"]
-    assert np.isclose(ma["total_loss"], mb["total_loss"], rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ units
+
+
+def _ids(batches):
+    return [[d["idx"] for d in batch] for batch in batches]
+
+
+def _mapper(d):
+    return dict(d)
+
+
+@pytest.mark.parametrize("grouping,workers", [(True, 0), (False, 0), (True, 2)])
+def test_resumable_loader_continues_detectron2s_data_stream(grouping, workers):
+    import itertools
+
+    import cmrcnn_ext
+    from cmrcnn_ext.resume import build_resumable_train_loader
+    from detectron2.data import build_detection_train_loader
+    from detectron2.data.samplers import TrainingSampler
+    from detectron2.utils.events import EventStorage
+
+    # 11 images, wide and tall: aspect-ratio grouping holds some back in half-full groups
+    dicts = [{"idx": i, "width": 100 if i % 3 else 50, "height": 60} for i in range(11)]
+    cfg = cmrcnn_ext.get_cfg()
+    cfg.SOLVER.IMS_PER_BATCH = 3
+    cfg.DATALOADER.ASPECT_RATIO_GROUPING = grouping
+    cfg.DATALOADER.NUM_WORKERS = workers
+
+    def build():
+        return build_resumable_train_loader(cfg, mapper=_mapper, dataset=dicts, sampler=TrainingSampler(11, seed=7))
+
+    reference = _ids(itertools.islice(build(), 16))
+    # the same order as Detectron2's own loader
+    stock = build_detection_train_loader(cfg, dataset=dicts, mapper=_mapper, sampler=TrainingSampler(11, seed=7))
+    assert _ids(itertools.islice(stock, 16)) == reference
+    for start in (1, 5, 10):
+        loader = build()
+        loader.start_iter = start
+        assert _ids(itertools.islice(loader, 6)) == reference[start : start + 6], start
+    with EventStorage(start_iter=4):  # by default: the trainer's iteration at the first batch
+        assert _ids(itertools.islice(build(), 6)) == reference[4:10]
+
+
+def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    from cmrcnn_ext.resume import get_rng_state, set_rng_state
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    np.random.normal()  # a cached gaussian in numpy's state
+    torch.save({"rng": get_rng_state()}, tmp_path / "rng.pth")
+    first = (torch.rand(4), np.random.rand(4), np.random.normal(), random.random())
+    set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"])
+    again = (torch.rand(4), np.random.rand(4), np.random.normal(), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    assert first[2:] == again[2:]
+
+
+def test_rng_hook_hides_what_runs_between_steps_and_restores_on_resume():
+    import random
+
+    from cmrcnn_ext.resume import RNGStateHook
+
+    def draw():
+        return torch.rand(2).tolist() + [float(np.random.rand()), random.random()]
+
+    hook = RNGStateHook()
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    hook.before_step(), draw(), hook.after_step()  # a training step
+    state = hook.state_dict()  # what the checkpointer saves after this step
+    draw()  # e.g. evaluation between steps
+    hook.before_step()
+    expected = draw()  # the next step sees the same numbers as without the evaluation
+
+    resumed = RNGStateHook()  # a new process, seeded differently
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    resumed.load_state_dict(state)
+    resumed.before_step()
+    assert draw() == expected

@@ -133,3 +133,17 @@ def test_predict_cli_writes_overlays_and_coco_results(tmp_path):
     assert len(anns) > 0
     assert {a["image_id"] for a in anns} <= {100, 101, 102}
     assert all("segmentation" in a and a["category_id"] in range(1, 6) for a in anns)
+
+
+@pytest.mark.parametrize("where", ["file", "command line"])
+def test_unknown_config_key_names_it_and_suggests(tmp_path, where):
+    from cmrcnn_ext.engine import setup_cfg
+
+    if where == "file":
+        path = tmp_path / "bad.yaml"
+        path.write_text('_BASE_: "%s"\nMODEL:\n  CMRCNN:\n    MASK_STAGE: all\n' % DEMO_CONFIG)
+        args = (str(path), [])
+    else:
+        args = (DEMO_CONFIG, ["MODEL.CMRCNN.MASK_STAGE", "all"])
+    with pytest.raises(ValueError, match="Unknown config key 'MODEL.CMRCNN.MASK_STAGE'.*MASK_STAGES"):
+        setup_cfg(*args)

@@ -21,5 +21,5 @@ setup(
         "faster-coco-eval>=1.6",
         "psutil",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+    extras_require={"test": ["pytest>=7", "pytest-timeout", "onnx", "onnxruntime", "ruff"]},
 )

@@ -31,25 +31,25 @@ from cmrcnn_ext.engine import Trainer, setup_cfg  # noqa: E402
 VARIANTS = [
     # name, config overrides, extra test-time modes {label: TEST_MASK_MERGE}
     ("ours first", ["MODEL.CMRCNN.MASK_STAGES", "first"], None),
-    ("ours last", ["MODEL.CMRCNN.MASK_STAGES", "last"], None),
-    ("ours all", ["MODEL.CMRCNN.MASK_STAGES", "all"], {"last": "last", "mean": "mean"}),
-    (
-        "ours all, weights 1/0.5/0.25",
-        ["MODEL.CMRCNN.MASK_STAGES", "all", "MODEL.CMRCNN.STAGE_LOSS_WEIGHTS", "[1.0,0.5,0.25]"],
-        {"mean": "mean"},
-    ),
     (
         "Detectron2 CascadeROIHeads",
         ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads", "MODEL.ROI_MASK_HEAD.NAME",
          "MaskRCNNConvUpsampleHead"],
         None,
     ),  # fmt: skip
+    ("ours all", ["MODEL.CMRCNN.MASK_STAGES", "all"], {"last": "last", "mean": "mean"}),
     (
         "Mask R-CNN (StandardROIHeads)",
         ["MODEL.ROI_HEADS.NAME", "StandardROIHeads", "MODEL.ROI_MASK_HEAD.NAME",
          "MaskRCNNConvUpsampleHead"],
         None,
     ),  # fmt: skip
+    ("ours last", ["MODEL.CMRCNN.MASK_STAGES", "last"], None),
+    (
+        "ours all, weights 1/0.5/0.25",
+        ["MODEL.CMRCNN.MASK_STAGES", "all", "MODEL.CMRCNN.STAGE_LOSS_WEIGHTS", "[1.0,0.5,0.25]"],
+        {"mean": "mean"},
+    ),
 ]
 
 

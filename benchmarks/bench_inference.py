@@ -556,11 +556,11 @@ def print_breakdown(res):
     return med
 
 
-def print_training(res, batch_size, device):
+def print_training(res, batch_size, device, warmup):
     mem_label = "CUDA peak MiB (+iter)" if device == "cuda" else "peak RSS MiB (+iter)"
     base = statistics.median(res["a"]["it"])
     print(f"\ntraining, batch {batch_size}: forward + backward + SGD step, "
-          f"median of {len(res['a']['it'])} iteration(s) after warm-up")
+          f"median of {len(res['a']['it'])} iteration(s) after {warmup} warm-up")
     print(f"{'model':<28}{'s/iter':>9}{'vs (a)':>8}   {mem_label}")
     for k, r in res.items():
         med = statistics.median(r["it"])
@@ -639,7 +639,7 @@ def main(argv=None):
 
     for bs in batch_sizes:
         tr = run_training(models, images, bs, train_warmup, train_iters, args.device)
-        print_training(tr, bs, args.device)
+        print_training(tr, bs, args.device, train_warmup)
 
     if args.scaling:
         run_scaling(args, cfg, models, warmup, max(2, iters - 1), train_warmup, train_iters)

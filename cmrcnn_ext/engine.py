@@ -7,9 +7,7 @@ import torch
 
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_setup
-from detectron2.evaluation import COCOEvaluator
 
-from . import compat
 from .checkpoint import CMRCNNCheckpointer
 from .config import add_cmrcnn_config
 from .data import register_project_datasets

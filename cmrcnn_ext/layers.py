@@ -11,8 +11,9 @@ scatter-add backward, where torchvision's CPU backward is single-threaded. Resul
 torchvision's up to float rounding (about 1e-6 relative; tested).
 
 Used by :class:`~cmrcnn_ext.roi_heads.CascadeMaskROIHeads` when ``MODEL.CMRCNN.FAST_ROI_ALIGN``
-is true, the model runs on the CPU and the pooler's sampling ratio is fixed (> 0); on CUDA, and
-for the adaptive ``sampling_ratio=0``, torchvision's kernel is used.
+is true, the model trains on the CPU (gradients needed) and the pooler's sampling ratio is fixed
+(> 0). In inference, on CUDA and for the adaptive ``sampling_ratio=0`` torchvision's kernel is
+used: there it is the faster one.
 """
 import torch
 import torch.nn.functional as F
@@ -135,10 +136,13 @@ class FastROIAlign(nn.Module):
         return cls(module.output_size, module.spatial_scale, module.sampling_ratio, module.aligned)
 
     def forward(self, input, rois):
-        # The adaptive grid (sampling_ratio 0) varies per ROI; padded to the largest grid, the
-        # gather does more work than torchvision's kernel, so that case stays with torchvision.
+        # The gather pays off in the backward pass (torchvision's CPU backward is serial); its
+        # forward alone is slower than torchvision's multi-threaded one, so inference stays with
+        # torchvision. The adaptive grid (sampling_ratio 0) varies per ROI; padded to the largest
+        # grid, the gather does more work than torchvision's kernel, so it stays there too.
         if (
             input.is_cuda
+            or not (torch.is_grad_enabled() and input.requires_grad)
             or self.sampling_ratio <= 0
             or torch.jit.is_scripting()
             or torch.jit.is_tracing()

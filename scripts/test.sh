@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/env.sh
+echo "[test] ruff check (lint)"
+ruff check .
 exec python -m pytest tests "$@"

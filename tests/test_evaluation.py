@@ -147,7 +147,10 @@ def test_build_coco_evaluator_switch(eval_set, tmp_path):
     name = eval_set["name"]
     ev = Trainer.build_evaluator(cfg, name, output_folder=str(tmp_path))
     assert isinstance(ev, FastCOCOEvaluator)
-    assert ev._tasks == ("bbox", "segm")
+    assert ev._tasks == ("bbox", "segm") and ev._distributed
+    # as in Trainer.test: distributed=True in a single process
+    results = _run(ev, eval_set["predictions"][:20])
+    assert set(results) == {"bbox", "segm"} and np.isfinite(results["segm"]["AP"])
     cfg.TEST.CMRCNN_EVALUATOR = "pycocotools"
     ev = Trainer.build_evaluator(cfg, name, output_folder=str(tmp_path))
     assert type(ev) is COCOEvaluator and ev._use_fast_impl is False

@@ -79,7 +79,8 @@ def _uncompressed_rle(mask: np.ndarray) -> Dict:
 
 def _mask_bbox(mask: np.ndarray) -> List[float]:
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    return [float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)]
+    x0, y0 = float(cols[0]), float(rows[0])
+    return [x0, y0, float(cols[-1]) - x0 + 1, float(rows[-1]) - y0 + 1]
 
 
 def _random_shape(rng, h, w, r_min=2.5, r_max=None):
@@ -166,8 +167,8 @@ def make_coco_eval_set(
                 poly = _polygon(shape)
                 rle = mask_util.merge(mask_util.frPyObjects([poly], h, w))
                 xs, ys = np.array(poly[0::2]), np.array(poly[1::2])
-                ann.update(iscrowd=0, segmentation=[poly], area=float(mask_util.area(rle)),
-                           bbox=[float(xs.min()), float(ys.min()), float(np.ptp(xs)), float(np.ptp(ys))])
+                box = [float(xs.min()), float(ys.min()), float(np.ptp(xs)), float(np.ptp(ys))]
+                ann.update(iscrowd=0, segmentation=[poly], area=float(mask_util.area(rle)), bbox=box)
             else:
                 rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
                 ann.update(iscrowd=0, area=area, bbox=_mask_bbox(mask),

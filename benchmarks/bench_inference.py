@@ -83,6 +83,8 @@ def parse_args(argv=None):
                    help="smoke run: 1 warm-up + 2 timed inference runs, 1 training iteration; for "
                         "R50-size configs also short side 320, 20 detections, RPN top-k 300")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-export", action="store_true",
+                   help="skip the row of the TorchScript-exported model (b)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("opts", nargs=argparse.REMAINDER,
                    help="config overrides KEY VALUE ... for all three models, after the config "
@@ -542,6 +544,26 @@ def print_inference(res, title, device):
               f"{_mib(r['peak'])} ({r['delta'] / 2**20:+.0f})")
 
 
+def print_exported(models, images, warmup, iters):
+    """Latency of model (b) exported with ``python -m cmrcnn_ext.export`` (TorchScript), against
+    eager (a) and (b) timed the same way (single-image calls, median)."""
+    import tempfile
+
+    from cmrcnn_ext.export import ExportableCascadeMaskRCNN, benchmark_exported, export_torchscript
+
+    imgs = [infer_inputs(item)[0]["image"] for item in images]
+    wrapper = ExportableCascadeMaskRCNN(models["b"], mask_format="bool")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.ts")
+        export_torchscript(wrapper, imgs[0], path)
+        t_ts = benchmark_exported(path, imgs, warmup, iters)
+    with torch.no_grad():
+        t_a = benchmark_exported(lambda x: models["a"]([{"image": x}]), imgs, warmup, iters)
+    print("\nexported model (TorchScript, trace of (b); single-image calls, median)")
+    print(f"{'(a) Detectron2, eager':<34}{_ms(t_a):>10} ms   1.00x")
+    print(f"{'(b) ours, TorchScript export':<34}{_ms(t_ts):>10} ms   {t_ts / t_a:.2f}x")
+
+
 def print_breakdown(res):
     print("\nper-component breakdown, median ms per image (ratio: (c) / (a), share: of (c)'s total)")
     labels = list(res["a"]["rows"][0].keys())
@@ -636,6 +658,8 @@ def main(argv=None):
     ok = checker.ok
     print_inference(res, f"inference, {h} x {w}, {dets} detections/image", args.device)
     med = print_breakdown(res)
+    if not args.no_export:
+        print_exported(models, images, warmup, iters)
 
     for bs in batch_sizes:
         tr = run_training(models, images, bs, train_warmup, train_iters, args.device)

@@ -545,23 +545,57 @@ def print_inference(res, title, device):
 
 
 def print_exported(models, images, warmup, iters):
-    """Latency of model (b) exported with ``python -m cmrcnn_ext.export`` (TorchScript), against
-    eager (a) and (b) timed the same way (single-image calls, median)."""
+    """Latency of model (b) exported with ``python -m cmrcnn_ext.export`` (TorchScript, and ONNX
+    run by onnxruntime when it is installed), against eager (a) timed the same way (single-image
+    calls, median), and whether each export gives (b)'s eager outputs (1e-4, all images)."""
     import tempfile
 
-    from cmrcnn_ext.export import ExportableCascadeMaskRCNN, benchmark_exported, export_torchscript
+    from cmrcnn_ext.export import (
+        ExportableCascadeMaskRCNN, benchmark_exported, compare_outputs, export_onnx,
+        export_torchscript,
+    )  # fmt: skip
 
     imgs = [infer_inputs(item)[0]["image"] for item in images]
-    wrapper = ExportableCascadeMaskRCNN(models["b"], mask_format="bool")
+    wrapper = ExportableCascadeMaskRCNN(models["b"], mask_format="bool").eval()
+    rows = []
+    with torch.no_grad():
+        t_a = benchmark_exported(lambda x: models["a"]([{"image": x}]), imgs, warmup, iters)
+        t_w = benchmark_exported(wrapper, imgs, warmup, iters)
+        rows.append(("(b) ours, export wrapper, eager", t_w, "-"))
+        eager = [wrapper(x) for x in imgs]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.ts")
         export_torchscript(wrapper, imgs[0], path)
-        t_ts = benchmark_exported(path, imgs, warmup, iters)
-    with torch.no_grad():
-        t_a = benchmark_exported(lambda x: models["a"]([{"image": x}]), imgs, warmup, iters)
-    print("\nexported model (TorchScript, trace of (b); single-image calls, median)")
-    print(f"{'(a) Detectron2, eager':<34}{_ms(t_a):>10} ms   1.00x")
-    print(f"{'(b) ours, TorchScript export':<34}{_ms(t_ts):>10} ms   {t_ts / t_a:.2f}x")
+        loaded = torch.jit.load(path)
+        with torch.no_grad():
+            same = all(compare_outputs(e, loaded(x))["ok"] for e, x in zip(eager, imgs))
+        rows.append(("(b) ours, TorchScript", benchmark_exported(path, imgs, warmup, iters), same))
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            ort = None
+        on_cuda = next(models["b"].parameters()).is_cuda
+        if on_cuda:  # a CUDA trace run by onnxruntime on the CPU would compare GPU with CPU numbers
+            print("\n(ONNX row skipped on --device cuda: this benchmark runs onnxruntime on the CPU only)")
+        if ort is not None and not on_cuda:
+            path = os.path.join(tmp, "model.onnx")
+            export_onnx(wrapper, imgs[0], path)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = torch.get_num_threads()
+            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            outs = [sess.run(None, {"image": x.float().numpy()}) for x in imgs]
+            same = all(
+                compare_outputs(e, [torch.from_numpy(o) for o in out])["ok"]
+                for e, out in zip(eager, outs)
+            )
+            rows.append(("(b) ours, ONNX (onnxruntime)", benchmark_exported(path, imgs, warmup, iters), same))
+    n = iters * len(imgs)
+    print(f"\nexported model (trace of (b); single-image calls, median of {n}; 'equal': outputs "
+          "= (b)'s eager wrapper to 1e-4 on every image)")
+    print(f"{'(a) Detectron2, eager':<36}{_ms(t_a):>10} ms   1.00x")
+    for name, t, same in rows:
+        eq = same if same == "-" else ("equal" if same else "DIFFERENT")
+        print(f"{name:<36}{_ms(t):>10} ms   {t / t_a:.2f}x   {eq}")
 
 
 def print_breakdown(res):

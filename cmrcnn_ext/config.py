@@ -52,6 +52,13 @@ def add_cmrcnn_config(cfg):
     # False = exactly Detectron2's poolers. On CUDA, and with POOLER_SAMPLING_RATIO 0 (adaptive),
     # torchvision's kernel is used either way.
     cfg.MODEL.CMRCNN.FAST_ROI_ALIGN = False
+    # Test-time class-wise NMS run on the highest-scoring (box, class) candidates first, grown
+    # until DETECTIONS_PER_IMAGE survive (cmrcnn_ext/box_inference.py): the same detections as
+    # Detectron2's NMS over every candidate (which greedy NMS guarantees; equal up to float
+    # rounding of IoUs at the threshold), found in one NMS call instead of one per class. It
+    # matters when many candidates pass SCORE_THRESH_TEST (low threshold, many classes, GPU).
+    # False = Detectron2's fast_rcnn_inference.
+    cfg.MODEL.CMRCNN.PREFIX_NMS = True
 
     # Your own COCO-format instance data, without writing code (train_net.py --train-json ...
     # sets the same keys). When TRAIN_JSON is set the data set is registered as "user_train"
@@ -74,4 +81,15 @@ def add_cmrcnn_config(cfg):
     #                  is several times faster (benchmarks/bench_eval.py);
     #   "pycocotools": Detectron2's COCOEvaluator with the official pycocotools COCOeval.
     cfg.TEST.CMRCNN_EVALUATOR = "faster"
+    # Optimizer built by cmrcnn_ext's Trainer (cmrcnn_ext/engine.py), with Detectron2's
+    # parameter groups (SOLVER.WEIGHT_DECAY_NORM, BIAS_LR_FACTOR, WEIGHT_DECAY_BIAS), LR schedule
+    # and gradient clipping (SOLVER.CLIP_GRADIENTS) either way:
+    #   "SGD":   Detectron2's optimizer (SOLVER.MOMENTUM, SOLVER.NESTEROV); use it with pretrained
+    #            backbones and the paper's schedules;
+    #   "AdamW": torch.optim.AdamW (decoupled SOLVER.WEIGHT_DECAY, betas from
+    #            SOLVER.CMRCNN_BETAS); learns much faster from scratch at small batch sizes, so
+    #            the CPU demo uses it (BASE_LR around 1e-3, not SGD's 0.02).
+    cfg.SOLVER.CMRCNN_OPTIMIZER = "SGD"
+    # AdamW's (beta1, beta2); ignored by SGD.
+    cfg.SOLVER.CMRCNN_BETAS = [0.9, 0.999]
     return cfg

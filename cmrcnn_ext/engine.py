@@ -6,7 +6,7 @@ import weakref
 import torch
 
 from detectron2.config import get_cfg
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, SimpleTrainer, default_setup
 
 from .checkpoint import CMRCNNCheckpointer
 from .config import add_cmrcnn_config
@@ -18,6 +18,39 @@ from .validate import validate_config
 logger = logging.getLogger(__name__)
 
 
+class CPUAutocast(torch.nn.Module):
+    """Runs the wrapped model's forward pass under ``torch.autocast("cpu", torch.bfloat16)``.
+
+    Convolutions and matrix products then run in bfloat16 (fast on CPUs with AVX512-BF16 or
+    AMX), while autocast keeps normalisation, losses and reductions in float32; the weights,
+    gradients and optimizer state stay float32. bfloat16 has float32's exponent range, so no
+    loss scaling is needed (unlike float16 on CUDA).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(*args, **kwargs)
+
+
+class CPUAutocastTrainer(SimpleTrainer):
+    """Detectron2's SimpleTrainer step with the forward pass (and losses) under
+    :class:`CPUAutocast`; backward and the optimizer step run outside autocast, as PyTorch
+    recommends. Between steps ``self.model`` is the model itself (hooks, evaluation and
+    checkpoints see float32 and no wrapper)."""
+
+    def run_step(self):
+        model = self.model
+        self.model = CPUAutocast(model)
+        try:
+            super().run_step()
+        finally:
+            self.model = model
+
+
 class Trainer(DefaultTrainer):
     """Detectron2's DefaultTrainer with COCO box + mask evaluation.
 
@@ -26,6 +59,15 @@ class Trainer(DefaultTrainer):
     interrupted run stopped: optimizer state, data order and RNG states are restored
     (cmrcnn_ext/resume.py).
     """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+            # Detectron2's AMPTrainer is CUDA-only (float16 + GradScaler; it asserts CUDA in
+            # run_step). On the CPU, SOLVER.AMP.ENABLED trains with bfloat16 autocast instead.
+            inner = self._trainer
+            self._trainer = CPUAutocastTrainer(inner.model, inner.data_loader, inner.optimizer)
+            logger.info("SOLVER.AMP.ENABLED on the CPU: training with bfloat16 autocast.")
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -50,6 +92,36 @@ class Trainer(DefaultTrainer):
         )
         # RNGStateHook before the checkpointer: exact resume (cmrcnn_ext/resume.py).
         return [NonFiniteLossGuard(), RNGStateHook()] + super().build_hooks()
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """Detectron2's SGD, or AdamW when ``SOLVER.CMRCNN_OPTIMIZER`` is "AdamW".
+
+        Both use Detectron2's parameter groups and gradient clipping, so the LR schedule,
+        SOLVER.WEIGHT_DECAY_NORM / BIAS_LR_FACTOR and SOLVER.CLIP_GRADIENTS act the same way.
+        """
+        name = cfg.SOLVER.get("CMRCNN_OPTIMIZER", "SGD")
+        if name == "SGD":
+            return super().build_optimizer(cfg, model)
+        if name != "AdamW":
+            raise ValueError(
+                f"SOLVER.CMRCNN_OPTIMIZER={name!r} is not one of ('SGD', 'AdamW'); set one of them."
+            )
+        from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+            params,
+            lr=cfg.SOLVER.BASE_LR,
+            betas=tuple(float(b) for b in cfg.SOLVER.CMRCNN_BETAS),
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        )
 
     @classmethod
     def build_train_loader(cls, cfg):

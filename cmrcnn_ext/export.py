@@ -526,7 +526,7 @@ def benchmark_exported(path, images: Sequence[torch.Tensor], warmup: int = 3, it
 
     else:
         model = (
-            torch.jit.load(str(path), map_location="cpu")
+            torch.jit.load(str(path))  # on the device it was exported for
             if isinstance(path, (str, os.PathLike))
             else path
         )

@@ -3,8 +3,8 @@
 :data:`HPARAMS` is the single source of truth for the hyperparameter documentation (README's
 "Hyperparameters" table is generated from it) and for the value ranges that
 :func:`cmrcnn_ext.validate.validate_config` enforces. Keys are Detectron2's own config keys
-wherever Detectron2 has one; only ``MODEL.CMRCNN.*`` and ``DATASETS.CMRCNN.*`` are added by
-cmrcnn_ext (see :mod:`cmrcnn_ext.config`).
+wherever Detectron2 has one; only ``MODEL.CMRCNN.*``, ``DATASETS.CMRCNN.*``, ``TEST.CMRCNN_EVALUATOR`` and
+``SOLVER.CMRCNN_*`` are added by cmrcnn_ext (see :mod:`cmrcnn_ext.config`).
 
 ``default`` is the value in ``configs/cascade_mask_rcnn_R_50_FPN_reference.yaml`` (the product's
 reference preset); ``detectron2_default`` the value in Detectron2's ``get_cfg()`` (``None`` for
@@ -307,6 +307,11 @@ HPARAMS: List[HParam] = [
            "numbers as torchvision's kernel (to ~1e-6), faster, most of all in training.",
            note="CPU with a fixed POOLER_SAMPLING_RATIO (> 0) only; otherwise torchvision's "
            "kernel. False = exactly Detectron2's poolers."),
+    HParam("MODEL.CMRCNN.PREFIX_NMS", True, OneOf(True, False),
+           "Test-time class-wise NMS on the best-scoring candidates first, grown until "
+           "DETECTIONS_PER_IMAGE survive: Detectron2's detections in one NMS call instead of one "
+           "per class; much faster on a GPU with many candidates.",
+           None, "Detectron2 runs NMS over every candidate. False = Detectron2's code path."),
     # --- your data
     HParam("DATASETS.CMRCNN.TRAIN_JSON", "", _ANY_PATH,
            "Your COCO-format training JSON, registered as \"user_train\" and used as "
@@ -347,6 +352,18 @@ HPARAMS: List[HParam] = [
            40000, "", 270000),
     HParam("SOLVER.WARMUP_ITERS", 1000, _NONNEG_INT,
            "Iterations of linear learning-rate warmup; raise it if early losses diverge.", 1000),
+    HParam("SOLVER.AMP.ENABLED", False, OneOf(True, False),
+           "Mixed-precision training: on CUDA Detectron2's AMPTrainer (float16 + loss scaling); "
+           "on the CPU bfloat16 autocast (cmrcnn_ext's Trainer; ~1.5x faster training steps on "
+           "CPUs with AVX512-BF16 or AMX). Weights and checkpoints stay float32.",
+           False, "Detectron2 v0.6: CUDA only (its AMPTrainer asserts CUDA)."),
+    HParam("SOLVER.CMRCNN_OPTIMIZER", "SGD", OneOf("SGD", "AdamW"),
+           "Optimizer: Detectron2's SGD with momentum, or AdamW (decoupled weight decay), which "
+           "learns much faster from scratch at small batch sizes (the CPU demo uses it with "
+           "BASE_LR 1e-3). Same parameter groups, LR schedule and gradient clipping either way.",
+           None, "Detectron2 always uses SGD."),
+    HParam("SOLVER.CMRCNN_BETAS", [0.9, 0.999], ListOf(Number(0, 1, high_open=True), length=2),
+           "AdamW's (beta1, beta2); ignored by SGD.", None),
     # --- inference
     HParam("TEST.CMRCNN_EVALUATOR", "faster", OneOf("faster", "pycocotools"),
            "COCO box/mask evaluator of train_net.py: faster-coco-eval (same AP to 4 decimals, "

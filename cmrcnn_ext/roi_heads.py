@@ -18,6 +18,7 @@ from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
+from .box_inference import fast_rcnn_inference_prefix
 from .config import MASK_STAGES_CHOICES, TEST_MASK_MERGE_CHOICES
 from .layers import use_fast_roi_align
 
@@ -50,6 +51,7 @@ class CascadeMaskROIHeads(CascadeROIHeads):
         stage_loss_weights: Optional[Sequence[float]] = None,
         test_mask_merge: str = "last",
         fast_roi_align: bool = False,
+        prefix_nms: bool = False,
         **kwargs,
     ):
         """
@@ -60,6 +62,9 @@ class CascadeMaskROIHeads(CascadeROIHeads):
             test_mask_merge: "last" or "mean" ("mean" needs ``mask_stages="all"``).
             fast_roi_align: use :class:`~cmrcnn_ext.layers.FastROIAlign` in the box and mask
                 poolers (same numbers as torchvision's ROIAlign to ~1e-6, faster on the CPU).
+            prefix_nms: test-time class-wise NMS on the highest-scoring candidates first
+                (:mod:`cmrcnn_ext.box_inference`): Detectron2's detections, found faster when
+                many (box, class) candidates pass the score threshold.
             kwargs: arguments of :class:`CascadeROIHeads`.
         """
         super().__init__(**kwargs)
@@ -84,6 +89,7 @@ class CascadeMaskROIHeads(CascadeROIHeads):
                     "set MODEL.ROI_MASK_HEAD.NAME to 'CMRCNNConvUpsampleHead'."
                 )
         self.fast_roi_align = fast_roi_align
+        self.prefix_nms = prefix_nms
         if fast_roi_align:
             for pooler in (self.box_pooler, getattr(self, "mask_pooler", None)):
                 if pooler is not None:
@@ -99,6 +105,7 @@ class CascadeMaskROIHeads(CascadeROIHeads):
             stage_loss_weights=list(cfg.MODEL.CMRCNN.STAGE_LOSS_WEIGHTS),
             test_mask_merge=cfg.MODEL.CMRCNN.TEST_MASK_MERGE,
             fast_roi_align=cfg.MODEL.CMRCNN.FAST_ROI_ALIGN,
+            prefix_nms=cfg.MODEL.CMRCNN.PREFIX_NMS,
         )
         return ret
 
@@ -130,12 +137,35 @@ class CascadeMaskROIHeads(CascadeROIHeads):
             self._stage_inputs = None
 
     def _forward_box(self, features, proposals, targets=None):
+        if not self.training and self.prefix_nms:
+            return self._inference_boxes(features, proposals)
         if self._stage_inputs is not None:
             self._stage_inputs[0] = proposals
         out = super()._forward_box(features, proposals, targets)
         if not self.training:
             return out
         return {name: loss * self._stage_weight(name) for name, loss in out.items()}
+
+    def _inference_boxes(self, features, proposals):
+        """Test-time boxes as Detectron2's cascade computes them (each stage refines the previous
+        stage's boxes; class scores averaged over the stages; the last stage's boxes), with the
+        final NMS of :func:`~cmrcnn_ext.box_inference.fast_rcnn_inference_prefix`."""
+        features = [features[f] for f in self.box_in_features]
+        image_sizes = [p.image_size for p in proposals]
+        stage_scores, boxes = [], None
+        for k in range(self.num_cascade_stages):
+            if k > 0:
+                proposals = self._create_proposals_from_boxes(boxes, image_sizes)
+            predictions = self._run_stage(features, proposals, k)
+            predictor = self.box_predictor[k]
+            boxes = predictor.predict_boxes(predictions, proposals)
+            stage_scores.append(predictor.predict_probs(predictions, proposals))
+        scores = [sum(per_image) * (1.0 / self.num_cascade_stages) for per_image in zip(*stage_scores)]
+        instances, _ = fast_rcnn_inference_prefix(
+            boxes, scores, image_sizes, predictor.test_score_thresh, predictor.test_nms_thresh,
+            predictor.test_topk_per_image,
+        )
+        return instances
 
     def _stage_weight(self, loss_name: str) -> float:
         match = _STAGE_SUFFIX.search(loss_name)

@@ -144,6 +144,9 @@ CASES = [
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
     ),
     ("ims_per_batch_0", ["SOLVER.IMS_PER_BATCH", 0], "SOLVER.IMS_PER_BATCH"),
+    ("optimizer_unknown", ["SOLVER.CMRCNN_OPTIMIZER", "Adam"], "SOLVER.CMRCNN_OPTIMIZER"),
+    ("betas_one", ["SOLVER.CMRCNN_BETAS", [0.9, 1.0]], "SOLVER.CMRCNN_BETAS"),
+    ("betas_three", ["SOLVER.CMRCNN_BETAS", [0.9, 0.99, 0.5]], "SOLVER.CMRCNN_BETAS"),
 ]
 
 

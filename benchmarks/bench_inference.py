@@ -569,7 +569,7 @@ def print_exported(models, images, warmup, iters):
         loaded = torch.jit.load(path)
         with torch.no_grad():
             same = all(compare_outputs(e, loaded(x))["ok"] for e, x in zip(eager, imgs))
-        rows.append(("(b) ours, TorchScript", benchmark_exported(path, imgs, warmup, iters), same))
+        rows.append(("(b) ours, TorchScript", benchmark_exported(loaded, imgs, warmup, iters), same))
         try:
             import onnxruntime as ort
         except ImportError:
@@ -583,12 +583,14 @@ def print_exported(models, images, warmup, iters):
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = torch.get_num_threads()
             sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-            outs = [sess.run(None, {"image": x.float().numpy()}) for x in imgs]
+            def run_onnx(x):
+                return sess.run(None, {"image": x.float().numpy()})
+
             same = all(
-                compare_outputs(e, [torch.from_numpy(o) for o in out])["ok"]
-                for e, out in zip(eager, outs)
+                compare_outputs(e, [torch.from_numpy(o) for o in run_onnx(x)])["ok"]
+                for e, x in zip(eager, imgs)
             )
-            rows.append(("(b) ours, ONNX (onnxruntime)", benchmark_exported(path, imgs, warmup, iters), same))
+            rows.append(("(b) ours, ONNX (onnxruntime)", benchmark_exported(run_onnx, imgs, warmup, iters), same))
     n = iters * len(imgs)
     print(f"\nexported model (trace of (b); single-image calls, median of {n}; 'equal': outputs "
           "= (b)'s eager wrapper to 1e-4 on every image)")

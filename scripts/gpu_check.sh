@@ -7,7 +7,7 @@
 #
 # Writes to OUTPUT_DIR (default output/gpu): the CUDA tests' log (tests/test_cuda.py) and the
 # inference/training benchmark tables (benchmarks/bench_inference.py --device cuda) for the R50-FPN
-# config at 800 x 1067 and for the demo config, with their scaling tables.
+# config at 800 x 1067 (training batch 1 and 2) and for the demo config (with its scaling tables).
 set -uo pipefail
 OUT_DIR="${1:-output/gpu}"
 PY="${PYTHON:-python3}"

@@ -121,6 +121,7 @@ class Trainer(DefaultTrainer):
             lr=cfg.SOLVER.BASE_LR,
             betas=tuple(float(b) for b in cfg.SOLVER.CMRCNN_BETAS),
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            **_adamw_kernel(model),
         )
 
     @classmethod
@@ -142,6 +143,25 @@ class Trainer(DefaultTrainer):
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict and "load_state_dict" not in DefaultTrainer.__dict__:
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+
+def _adamw_kernel(model):
+    """``{"fused": True}`` when torch's fused AdamW kernel supports every parameter's device
+    (CPU and CUDA in torch >= 2.4), else ``{}`` (torch's default kernel).
+
+    The fused kernel does AdamW's update in one pass over each tensor: on the demo model (17 M
+    parameters, 2 CPU threads) an optimizer step takes 13 ms instead of 50 ms for the default
+    per-tensor loop (benchmarks: README "Demo"). It is the same update up to float rounding.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    devices = {p.device.type for p in params}
+    if not params or not devices <= {"cpu", "cuda"}:
+        return {}
+    try:
+        torch.optim.AdamW([torch.zeros(1, device=params[0].device)], fused=True)
+    except (RuntimeError, TypeError, ValueError):  # older torch: no fused kernel for this device
+        return {}
+    return {"fused": True}
 
 
 def setup_cfg(config_file, opts=(), args=None, freeze=True):

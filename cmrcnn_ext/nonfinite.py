@@ -161,8 +161,10 @@ class NonFiniteLossGuard(HookBase):
     - :class:`NonFiniteWeightsError` in ``after_step`` if the optimizer step made a weight
       NaN/inf although the losses were finite (e.g. a huge learning rate): this hook is the
       first one, so it runs before the ``PeriodicCheckpointer`` could save those weights. The
-      check is one fused max-abs reduction over the parameters per iteration (the same weights
-      on every process, so no communication).
+      check is one sum per parameter tensor per iteration (a sum is NaN/inf when an element
+      is; ~3 ms for the demo's 17 M weights; the same weights on every process, so no
+      communication). A sum that overflows although every weight is finite is re-checked
+      element-wise and not reported.
     """
 
     def __init__(self):
@@ -173,12 +175,12 @@ class NonFiniteLossGuard(HookBase):
         params = [p for p in self.trainer.model.parameters() if p.requires_grad]
         if not params:
             return
-        if torch.isfinite(_max_abs(params)):
+        if torch.isfinite(_sum_all(params)):
             return
         model = self.trainer.model
         model = getattr(model, "module", model)  # names without DDP's "module." prefix
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
-        if not bad:  # pragma: no cover - max-abs of finite values is finite
+        if not bad:  # the float32 sum overflowed, every weight is finite
             return
         losses = {}
         if self._losses is not None:
@@ -247,9 +249,8 @@ class NonFiniteLossGuard(HookBase):
         return None
 
 
-def _max_abs(tensors):
-    """max |x| over all elements (NaN if any is NaN), one fused reduction where available."""
-    tensors = [t.detach() for t in tensors]
-    if hasattr(torch.nn.utils, "get_total_norm"):
-        return torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"))
-    return torch.stack([t.abs().max() for t in tensors if t.numel()]).max()
+def _sum_all(tensors):
+    """Sum of all elements of ``tensors``: finite unless an element is NaN/inf (or the float32
+    sum overflows; callers re-check element-wise). One memory pass per tensor: a max-abs
+    (``get_total_norm(..., inf)``) took 8x longer on the CPU."""
+    return torch.stack([t.detach().sum().float() for t in tensors if t.numel()]).sum()

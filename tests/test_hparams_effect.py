@@ -272,6 +272,8 @@ def test_optimizer_adamw_update_equals_hand_computed_first_step():
     model.train()
     opt = _one_step(cfg, model, make_batch(2, 128))
     assert type(opt).__name__ == "AdamW" and isinstance(opt, torch.optim.AdamW)
+    # torch's fused kernel (one pass per tensor, ~4x faster step on the CPU) where torch has it
+    assert all(g["fused"] for g in opt.param_groups)
     assert all(g["betas"] == (0.8, 0.99) for g in opt.param_groups)
     norm_params = {id(p) for m in model.modules() if isinstance(m, nn.GroupNorm)
                    for p in m.parameters()}

@@ -148,3 +148,24 @@ def test_nan_on_one_rank_stops_every_rank(data, tmp_path):
     assert expected in messages[0]
     assert "Finite terms (rank 1): " in messages[0]
     assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == ["model_0000000.pth"]
+
+
+def test_weight_check_sum_overflow_is_not_reported_and_inf_is():
+    """The per-step weight check sums every tensor: a float32 sum that overflows although all
+    weights are finite is re-checked element-wise and passes; one inf weight is reported."""
+    from types import SimpleNamespace
+
+    from cmrcnn_ext.nonfinite import NonFiniteLossGuard, NonFiniteWeightsError, _sum_all
+
+    model = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        model.weight.fill_(3e38)  # finite, but 16 of them sum to inf in float32
+    assert not torch.isfinite(_sum_all(list(model.parameters())))
+    guard = NonFiniteLossGuard()
+    guard.trainer = SimpleNamespace(model=model, iter=7)
+    guard.after_step()  # no error
+    with torch.no_grad():
+        model.bias[2] = float("inf")
+    with pytest.raises(NonFiniteWeightsError) as info:
+        guard.after_step()
+    assert info.value.parameters == ["bias"] and info.value.iteration == 7

@@ -47,11 +47,16 @@ def add_cmrcnn_config(cfg):
     # With MASK_STAGES "first" or "last" there is one mask head and this must be "last".
     cfg.MODEL.CMRCNN.TEST_MASK_MERGE = "last"
     # ROIAlign of the box and mask poolers computed as a weighted gather (cmrcnn_ext/layers.py)
-    # instead of torchvision's kernel, on the CPU only: the same numbers up to float rounding
-    # (~1e-6), and a multi-threaded backward where torchvision's CPU backward is serial.
+    # instead of torchvision's kernel, on the CPU only (training and inference): the same
+    # numbers up to float rounding (~1e-6), vectorised over channels and multi-threaded where
+    # torchvision's CPU kernels are serial.
     # False = exactly Detectron2's poolers. On CUDA, and with POOLER_SAMPLING_RATIO 0 (adaptive),
     # torchvision's kernel is used either way.
     cfg.MODEL.CMRCNN.FAST_ROI_ALIGN = False
+    # CPU inference: run the mask head(s)' convolutions in channels-last memory format (oneDNN's
+    # fast layout): the same numbers up to float rounding (~1e-7), ~20% faster mask heads.
+    # False = Detectron2's NCHW layout, bit for bit. Training and CUDA are not affected.
+    cfg.MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD = False
     # Test-time class-wise NMS run on the highest-scoring (box, class) candidates first, grown
     # until DETECTIONS_PER_IMAGE survive (cmrcnn_ext/box_inference.py): the same detections as
     # Detectron2's NMS over every candidate (which greedy NMS guarantees; equal up to float

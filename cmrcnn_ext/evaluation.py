@@ -15,6 +15,7 @@ of ``bbox`` and ``segm`` agree to 4 decimals, including RLE / polygon ground tru
 :func:`build_coco_evaluator` picks the implementation from ``cfg.TEST.CMRCNN_EVALUATOR``
 (``"faster"``, the default, or ``"pycocotools"``); ``Trainer.build_evaluator`` uses it.
 """
+import copy
 import itertools
 import json
 import logging
@@ -74,7 +75,7 @@ def evaluate_predictions_on_coco_faster(
             r["segmentation"] = dict(r["segmentation"])
     else:
         results = [dict(r) for r in coco_results]
-    coco_dt = coco_gt.loadRes(results)
+    coco_dt = _load_results(fce, coco_gt, results, iou_type)
     kwargs = {} if print_function is None else {"print_function": print_function}
     coco_eval = fce.COCOeval_faster(coco_gt, coco_dt, iou_type, **kwargs)
     coco_eval.params.maxDets = list(max_dets_per_image or [1, 10, 100])
@@ -85,6 +86,49 @@ def evaluate_predictions_on_coco_faster(
     coco_eval.accumulate()
     coco_eval.summarize()
     return coco_eval
+
+
+def _load_results(fce, coco_gt, anns, iou_type):
+    """``coco_gt.loadRes(anns)`` for box or mask results, with the masks' areas and boxes
+    computed in one call for all results instead of one call per result (the per-result calls
+    were ~40% of faster-coco-eval's segm time on 500 images).
+
+    Fills the same fields with the same values as ``loadRes``: ``id`` (1-based position),
+    ``iscrowd`` 0, and ``area`` = box area (bbox) or mask area (segm, where a missing ``bbox``
+    becomes the mask's box). ``anns`` are modified in place, as by ``loadRes``.
+    """
+    if not anns or iou_type not in ("bbox", "segm") or (
+        iou_type == "bbox" and not anns[0].get("bbox")
+    ) or (iou_type == "segm" and ("bbox" in anns[0] or "segmentation" not in anns[0])):
+        return coco_gt.loadRes(anns)  # loadRes's other branches: not used by the evaluator
+    gt_images = set(coco_gt.getImgIds())
+    unknown = {a["image_id"] for a in anns} - gt_images
+    assert not unknown, "Results do not correspond to current coco set"
+    if iou_type == "bbox":
+        for index, ann in enumerate(anns):
+            x, y, w, h = ann["bbox"]
+            if "segmentation" not in ann:
+                ann["segmentation"] = [[x, y, x, y + h, x + w, y + h, x + w, y]]
+            ann["area"] = w * h
+            ann["id"] = index + 1
+            ann["iscrowd"] = 0
+    else:
+        rles = [a["segmentation"] for a in anns]
+        areas = fce.mask.area(rles)
+        boxes = fce.mask.toBbox(rles)
+        for index, ann in enumerate(anns):
+            ann["area"] = areas[index]
+            if "bbox" not in ann:
+                ann["bbox"] = boxes[index]
+            ann["id"] = index + 1
+            ann["iscrowd"] = 0
+    res = fce.COCO()
+    res.dataset["info"] = copy.deepcopy(coco_gt.dataset.get("info", {}))
+    res.dataset["images"] = list(coco_gt.dataset["images"])
+    res.dataset["categories"] = copy.deepcopy(coco_gt.dataset["categories"])
+    res.dataset["annotations"] = anns
+    res.createIndex()
+    return res
 
 
 class FastCOCOEvaluator(COCOEvaluator):

@@ -13,7 +13,8 @@ from conftest import make_batch, tiny_cfg
 def build_pair(*opts, fast=False):
     """(ours, built-in) with identical weights."""
     ours_cfg = tiny_cfg(
-        "MODEL.CMRCNN.MASK_STAGES", "first", "MODEL.CMRCNN.FAST_ROI_ALIGN", fast, *opts
+        "MODEL.CMRCNN.MASK_STAGES", "first", "MODEL.CMRCNN.FAST_ROI_ALIGN", fast,
+        "MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD", fast, *opts
     )
     d2_cfg = ours_cfg.clone()
     d2_cfg.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"
@@ -83,3 +84,45 @@ def test_same_inference_outputs(fast):
         else:
             assert torch.equal(a.pred_masks, b.pred_masks)
     assert total > 0, "the comparison needs detections"
+
+
+def test_channels_last_mask_head_same_outputs_in_cpu_inference():
+    """MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD: in CPU inference the mask head's convolutions get
+    channels-last inputs and the outputs equal the NCHW model's (boxes and scores exactly,
+    mask probabilities to float rounding); training keeps the layout it is given."""
+    torch.manual_seed(0)
+    models = {}
+    for flag in (False, True):
+        cfg = tiny_cfg("MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD", flag,
+                       "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0)
+        models[flag] = build_model(cfg)
+    models[True].load_state_dict(models[False].state_dict())
+    head = models[True].roi_heads._mask_heads()[0]
+    assert head.channels_last_cpu and not models[False].roi_heads._mask_heads()[0].channels_last_cpu
+    layouts = []
+    first_conv = next(m for m in head.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_pre_hook(
+        lambda m, inp: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last)
+                                      and not inp[0].is_contiguous()))
+    batch = make_batch(seed=3)
+    outs = {}
+    for flag, model in models.items():
+        model.eval()
+        with torch.no_grad():
+            outs[flag] = [o["instances"] for o in model(copy.deepcopy(batch))]
+    assert layouts and all(layouts)
+    for a, b in zip(outs[False], outs[True]):
+        assert len(a) == len(b) > 0
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+        assert (a.pred_masks != b.pred_masks).float().mean() < 1e-4
+    # the mask logits themselves (before thresholding): equal to float rounding
+    x = torch.randn(7, head.mask_fcn1.in_channels, 14, 14)
+    with torch.no_grad():
+        ref = models[False].roi_heads._mask_heads()[0].layers(x)
+        torch.testing.assert_close(head.layers(x), ref, rtol=1e-5, atol=1e-5)
+    layouts.clear()
+    models[True].train()
+    with EventStorage():
+        models[True](copy.deepcopy(batch))
+    assert layouts and not any(layouts)

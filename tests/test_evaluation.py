@@ -160,3 +160,34 @@ def test_build_coco_evaluator_switch(eval_set, tmp_path):
     with pytest.raises(ValueError, match="TEST.CMRCNN_EVALUATOR='fast'.*faster.*pycocotools"):
         Trainer.build_evaluator(cfg, name, output_folder=str(tmp_path))
     assert os.path.isdir(tmp_path)
+
+
+def test_bulk_result_loading_equals_load_res(eval_set):
+    """The evaluator's result loader (mask areas and boxes in one call) builds the same
+    annotations, with the same value types, as faster-coco-eval's ``loadRes``."""
+    import faster_coco_eval as fce
+
+    from cmrcnn_ext.evaluation import _load_results
+
+    ev = FastCOCOEvaluator(eval_set["name"], tasks=TASKS, distributed=False)
+    results = ev._unmap_category_ids(
+        [r for p in eval_set["predictions"] for r in p["instances"]]
+    )
+    coco_gt = fce.COCO(ev._metadata.json_file)
+    for task in TASKS:
+        def fresh():
+            drop = {"bbox"} if task == "segm" else set()  # as the evaluator does for segm
+            return [{k: copy.copy(v) for k, v in r.items() if k not in drop} for r in results]
+
+        ref = coco_gt.loadRes(fresh()).dataset
+        ours = _load_results(fce, coco_gt, fresh(), task).dataset
+        assert set(ours) == set(ref) and ours["categories"] == ref["categories"]
+        assert ours["images"] == ref["images"]
+        assert len(ours["annotations"]) == len(ref["annotations"]) == len(results) > 1000
+        for a, b in zip(ours["annotations"], ref["annotations"]):
+            assert set(a) == set(b)
+            for key in a:
+                assert type(a[key]) is type(b[key]), (task, key)
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{task} {key}")
+    with pytest.raises(AssertionError, match="do not correspond"):
+        _load_results(fce, coco_gt, [dict(results[0], image_id=-5)], "bbox")

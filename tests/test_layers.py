@@ -44,3 +44,34 @@ def test_float32_and_module():
     ref = roi_align(feat, rois, (7, 7), 0.125, 2, True)
     assert torch.allclose(mod(feat, rois), ref, atol=1e-5, rtol=1e-5)
     assert mod(feat, rois[:0]).shape == (0, 16, 7, 7)
+
+
+def test_single_image_inference_path():
+    """Batch of one image without gradients (CPU inference): the gather path is used and
+    equals torchvision."""
+    torch.manual_seed(2)
+    feat = torch.randn(1, 32, 64, 64)
+    rois = make_rois(1, 64, 64, 0.25, 60, seed=3)
+    mod = FastROIAlign((14, 14), 0.25, 2, True)
+    with torch.no_grad():
+        got = mod(feat, rois)
+        ref = roi_align(feat, rois, (14, 14), 0.25, 2, True)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_features_sample_in_float32():
+    """Under CPU autocast the features are bfloat16. Sample positions must still be computed in
+    float32 (as torchvision's autocast ROIAlign does): in bfloat16 a box at x = 201.3 px would
+    be read ~0.1 feature pixel off. The result is float32 ROIAlign of the same features, rounded
+    once to bfloat16."""
+    torch.manual_seed(3)
+    feat = torch.randn(2, 16, 64, 64).bfloat16()
+    rois = torch.tensor([[0, 201.3, 150.7, 240.9, 190.2], [1, 120.6, 33.3, 171.9, 99.1],
+                         [0, 3.3, 5.9, 19.4, 17.7]])
+    ref = roi_align(feat.float(), rois, (7, 7), 0.25, 2, True)
+    for grad in (False, True):
+        f = feat.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            got = FastROIAlign((7, 7), 0.25, 2, True)(f, rois)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), ref, atol=0.0, rtol=2 ** -7)

@@ -23,7 +23,8 @@ The model is what ``GeneralizedRCNN.inference`` + ``detector_postprocess`` compu
 tensor code for one image so that tracing records no Python-side sizes: the number of
 proposals and detections and the image size may change from call to call. Differences to the
 eager model: ROIAlign is torchvision's kernel even with ``MODEL.CMRCNN.FAST_ROI_ALIGN`` (same
-numbers to ~1e-6); NMS does not switch algorithm on the number of boxes as torchvision's
+numbers to ~1e-6), the mask head stays NCHW with ``MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD`` (~1e-7);
+NMS does not switch algorithm on the number of boxes as torchvision's
 ``batched_nms`` does eagerly: the RPN's per-level NMS is always the per-group loop (what
 Detectron2 runs for > 1,000 boxes), the final per-class NMS always the coordinate-offset trick
 (what it runs for <= 1,000 candidates); the two differ only by float rounding of IoUs at the

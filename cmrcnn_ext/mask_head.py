@@ -33,7 +33,7 @@ class CMRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret["channels_last_cpu"] = cfg.MODEL.CMRCNN.get("CHANNELS_LAST_MASK_HEAD", False)
+        ret["channels_last_cpu"] = cfg.MODEL.get("CMRCNN", {}).get("CHANNELS_LAST_MASK_HEAD", False)
         return ret
 
     def layers(self, x):

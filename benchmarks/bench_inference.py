@@ -86,6 +86,13 @@ def parse_args(argv=None):
     p.add_argument("--no-export", action="store_true",
                    help="skip the row of the TorchScript-exported model (b)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--weights", default="",
+                   help="checkpoint (.pth, e.g. the demo's model_final.pth) loaded into every model "
+                        "instead of random weights; (c)'s extra mask heads are its mask head plus "
+                        "small noise, as with random weights")
+    p.add_argument("--score-thresh", type=float, default=0.0,
+                   help="SCORE_THRESH_TEST (default 0: every image has --detections detections; with "
+                        "trained --weights, the config's 0.05 gives the detections a user gets)")
     p.add_argument("opts", nargs=argparse.REMAINDER,
                    help="config overrides KEY VALUE ... for all three models, after the config "
                         "(e.g. MODEL.CMRCNN.FAST_ROI_ALIGN False)")
@@ -102,7 +109,7 @@ def load_cfg(args):
     cfg.merge_from_list(list(args.opts))
     cfg.MODEL.WEIGHTS = ""  # random weights (seeded); no download
     cfg.MODEL.DEVICE = args.device
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.score_thresh
     if args.detections is not None:
         cfg.TEST.DETECTIONS_PER_IMAGE = args.detections
     return cfg, path
@@ -153,14 +160,20 @@ def calibrate_frozen_bn(model, item):
     return len(handles)
 
 
-def build_models(cfg, seed, calib_item):
-    """(a), (b), (c) with identical weights; (c)'s extra mask heads = head 0 + small noise."""
+def build_models(cfg, seed, calib_item, weights=""):
+    """(a), (b), (c) with identical weights; (c)'s extra mask heads = head 0 + small noise.
+    ``weights``: a checkpoint for (b) (and so for all three) instead of random weights."""
+    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
     cfgs = variant_cfgs(cfg)
     torch.manual_seed(seed)
     models = {k: build_model(c) for k, c in cfgs.items()}
-    n_bn = calibrate_frozen_bn(models["b"], calib_item)
+    if weights:
+        DetectionCheckpointer(models["b"]).load(weights)
+        n_bn = 0
+    else:
+        n_bn = calibrate_frozen_bn(models["b"], calib_item)
     if n_bn:
         print(f"FrozenBN: statistics of {n_bn} layers set from one image (random weights otherwise "
               "give ~1e4-scale features and no detections)")
@@ -471,6 +484,7 @@ class OutputChecker:
 
     def __init__(self):
         self.n_img = self.n_det = self.classes = self.mask_px = self.total_px = 0
+        self.distinct = 0
         self.boxes = self.scores = self.box_c = 0.0
         self.counts_differ = 0
         self.ious = []
@@ -486,6 +500,7 @@ class OutputChecker:
         if len(a) == 0:
             return
         self.n_det += len(a)
+        self.distinct += len(torch.unique(a.pred_boxes.tensor, dim=0))
         self.boxes = max(self.boxes, (a.pred_boxes.tensor - b.pred_boxes.tensor).abs().max().item())
         self.scores = max(self.scores, (a.scores - b.scores).abs().max().item())
         self.classes += int((a.pred_classes != b.pred_classes).sum())
@@ -513,6 +528,11 @@ class OutputChecker:
             f"{self.boxes:.2e}, max |score diff| {self.scores:.2e}, class mismatches {self.classes}, "
             f"differing mask pixels {self.mask_px} of {self.total_px}, runs with different detection "
             f"counts {self.counts_differ} -> {'EQUAL (1e-4)' if self.ok else 'DIFFERENT'}"]
+        if self.n_det:
+            out.append(f"  distinct boxes among the detections: {self.distinct} of {self.n_det} "
+                       f"({100 * (1 - self.distinct / self.n_det):.0f}% of the detections repeat a box of "
+                       "another class; (b) and (c) run the mask head once per distinct box, (a) once "
+                       "per detection)")
         if self.ious:
             out.append(f"  (c) vs (a): max |box diff| {self.box_c:.2e} (same box path); mean mask IoU "
                        f"{torch.cat(self.ious).mean().item():.3f} (masks: mean of 3 heads' probabilities)")
@@ -665,13 +685,15 @@ def main(argv=None):
 
     import cmrcnn_ext  # noqa: F401  (registers the heads)
 
-    print(f"config: {os.path.relpath(path, ROOT)} {' '.join(args.opts)}  (random weights, seed {args.seed})")
+    source = f"weights {args.weights}" if args.weights else f"random weights, seed {args.seed}"
+    print(f"config: {os.path.relpath(path, ROOT)} {' '.join(args.opts)}  ({source})")
     print("ours (b), (c): MODEL.CMRCNN " + ", ".join(
         f"{k}={v}" for k, v in cfg.MODEL.CMRCNN.items() if k not in ("MASK_STAGES", "TEST_MASK_MERGE")))
     print(f"device: {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else
                                       f", {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
           + f"; torch {torch.__version__}, detectron2 {detectron2.__version__}")
-    print(f"images: {h} x {w}, batch 1; {dets} detections per image (SCORE_THRESH_TEST 0); "
+    print(f"images: {h} x {w}, batch 1; {dets} detections per image at most "
+          f"(SCORE_THRESH_TEST {cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST:g}); "
           f"RPN post-NMS top-k {cfg.MODEL.RPN.POST_NMS_TOPK_TEST}; warm-up {warmup}, timed runs {iters}"
           + quick_note)
     print("load average at start: %.1f %.1f %.1f (timings are wall clock: other processes on the "
@@ -683,7 +705,7 @@ def main(argv=None):
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     n_img = max([2] + batch_sizes)
     images = make_images(n_img, h, w, args.seed, num_classes)
-    models = build_models(cfg, args.seed, images[0])
+    models = build_models(cfg, args.seed, images[0], args.weights)
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     print("parameters: " + ", ".join(f"{MODEL_NAMES[k].split()[0]} {v / 1e6:.2f} M" for k, v in n_params.items()))
 

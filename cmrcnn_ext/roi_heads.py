@@ -14,8 +14,9 @@ from torch import nn
 
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads
+from detectron2.modeling.roi_heads.mask_head import BaseMaskRCNNHead
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
-from detectron2.structures import Instances, pairwise_iou
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from .box_inference import fast_rcnn_inference_prefix
@@ -196,10 +197,49 @@ class CascadeMaskROIHeads(CascadeROIHeads):
         heads = self._mask_heads()
         if self.training:
             return self._mask_losses(features, instances, heads)
+        used = heads[-1:] if len(heads) == 1 or self.test_mask_merge == "last" else heads
+        if _shares_mask_rows(used, instances):
+            return self._forward_mask_unique_boxes(features, instances, used)
         x = self._pool_mask_features(features, [i.pred_boxes for i in instances])
-        if len(heads) == 1 or self.test_mask_merge == "last":
-            return heads[-1](x, instances)
-        probs = sum(head.mask_probs(x, instances) for head in heads) / len(heads)
+        if len(used) == 1:
+            return used[0](x, instances)
+        probs = sum(head.mask_probs(x, instances) for head in used) / len(used)
+        for inst, p in zip(instances, probs.split([len(i) for i in instances])):
+            inst.pred_masks = p
+        return instances
+
+    def _forward_mask_unique_boxes(self, features, instances, heads):
+        """Test-time masks with each distinct box of an image pooled and run through the mask
+        head(s) once.
+
+        The cascade's box regression is class-agnostic, so one proposal that passes the score
+        threshold in several classes gives several detections with the same box; Detectron2 pools
+        and runs the mask head for each of them. A mask head's logits depend only on the box, the
+        class only picks the channel, so the logits of a distinct box serve every detection that
+        has it: the same probabilities as Detectron2's ``mask_rcnn_inference`` (same rows of the
+        same layers), with fewer rows.
+        """
+        unique_boxes, rows = [], []
+        offset = 0
+        for inst in instances:
+            boxes = inst.pred_boxes.tensor
+            uniq, inverse = torch.unique(boxes, dim=0, return_inverse=True)
+            unique_boxes.append(Boxes(uniq))
+            rows.append(inverse + offset)
+            offset += len(uniq)
+        x = self._pool_mask_features(features, unique_boxes)
+        rows = torch.cat(rows)
+        classes = torch.cat([i.pred_classes for i in instances])
+        probs = None
+        for head in heads:
+            logits = head.layers(x)
+            if logits.shape[1] == 1:  # class-agnostic masks
+                p = logits[rows].sigmoid()
+            else:
+                p = logits[rows, classes][:, None].sigmoid()
+            probs = p if probs is None else probs + p
+        if len(heads) > 1:
+            probs = probs / len(heads)
         for inst, p in zip(instances, probs.split([len(i) for i in instances])):
             inst.pred_masks = p
         return instances
@@ -218,6 +258,19 @@ class CascadeMaskROIHeads(CascadeROIHeads):
                 with storage.name_scope(f"stage{stage}"):
                     losses[f"loss_mask_stage{stage}"] = head(x, fg)["loss_mask"] * weight
         return losses
+
+
+def _shares_mask_rows(heads, instances) -> bool:
+    """Whether :meth:`CascadeMaskROIHeads._forward_mask_unique_boxes` gives what the heads' own
+    inference gives: Detectron2 mask heads whose inference is ``layers`` + ``mask_rcnn_inference``
+    (a subclass that overrides ``forward`` keeps its own path), eager mode (``torch.unique``
+    is not traced), and detections to predict."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return False
+    if not all(isinstance(h, BaseMaskRCNNHead) and type(h).forward is BaseMaskRCNNHead.forward
+               for h in heads):
+        return False
+    return sum(len(i) for i in instances) > 0
 
 
 def check_cascade_mask_args(mask_stages, stage_loss_weights, test_mask_merge, num_stages):

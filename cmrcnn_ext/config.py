@@ -50,12 +50,13 @@ def add_cmrcnn_config(cfg):
     # instead of torchvision's kernel, on the CPU only (training and inference): the same
     # numbers up to float rounding (~1e-6), vectorised over channels and multi-threaded where
     # torchvision's CPU kernels are serial.
-    # False = exactly Detectron2's poolers. On CUDA, and with POOLER_SAMPLING_RATIO 0 (adaptive),
-    # torchvision's kernel is used either way.
+    # False = exactly Detectron2's poolers. Fixed and adaptive (POOLER_SAMPLING_RATIO 0) grids;
+    # on CUDA torchvision's kernel is used either way.
     cfg.MODEL.CMRCNN.FAST_ROI_ALIGN = False
-    # CPU inference: run the mask head(s)' convolutions in channels-last memory format (oneDNN's
-    # fast layout): the same numbers up to float rounding (~1e-7), ~20% faster mask heads.
-    # False = Detectron2's NCHW layout, bit for bit. Training and CUDA are not affected.
+    # CPU inference (float32): run the mask head(s)' convolutions in channels-last memory format
+    # (oneDNN's fast layout) and the 2x2 deconv + ReLU + 1x1 predictor as two matrix products
+    # (cmrcnn_ext/mask_head.py): the same numbers up to float rounding (~1e-7), mask heads ~1.6x
+    # faster. False = Detectron2's NCHW layers, bit for bit. Training and CUDA are not affected.
     cfg.MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD = False
     # Test-time class-wise NMS run on the highest-scoring (box, class) candidates first, grown
     # until DETECTIONS_PER_IMAGE survive (cmrcnn_ext/box_inference.py): the same detections as

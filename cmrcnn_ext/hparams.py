@@ -305,11 +305,12 @@ HPARAMS: List[HParam] = [
     HParam("MODEL.CMRCNN.FAST_ROI_ALIGN", True, OneOf(True, False),
            "Compute the box and mask poolers' ROIAlign as a weighted gather on the CPU: same "
            "numbers as torchvision's kernel (to ~1e-6), faster in training and inference.",
-           note="CPU with a fixed POOLER_SAMPLING_RATIO (> 0) only; otherwise torchvision's "
+           note="CPU only (fixed or adaptive POOLER_SAMPLING_RATIO); on CUDA torchvision's "
            "kernel. False = exactly Detectron2's poolers."),
     HParam("MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD", True, OneOf(True, False),
-           "Run the mask head(s)' convolutions in channels-last memory format in CPU "
-           "inference: same numbers up to float rounding (~1e-7), ~20% faster mask heads.",
+           "CPU inference path of the mask head(s): convolutions in channels-last memory "
+           "format, and the 2x2 deconv + ReLU + 1x1 predictor as two matrix products; same "
+           "numbers up to float rounding (~1e-7), ~1.6x faster mask heads.",
            note="CPU inference only. False = Detectron2's NCHW layout, bit for bit."),
     HParam("MODEL.CMRCNN.PREFIX_NMS", True, OneOf(True, False),
            "Test-time class-wise NMS on the best-scoring candidates first, grown until "

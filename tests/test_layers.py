@@ -75,3 +75,34 @@ def test_bfloat16_features_sample_in_float32():
             got = FastROIAlign((7, 7), 0.25, 2, True)(f, rois)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), ref, atol=0.0, rtol=2 ** -7)
+
+
+def test_feature_table_shared_without_autograd_and_refreshed():
+    """The (pixel, channel) table of a feature map is built once per feature map in inference
+    (box stages and mask pooler share it), rebuilt after an in-place change, dropped with the
+    feature map, and never cached when autograd records."""
+    import gc
+
+    from cmrcnn_ext import layers
+
+    feat = torch.randn(1, 6, 9, 11)
+    rois = torch.tensor([[0.0, 2.0, 3.0, 30.0, 25.0], [0.0, 0.0, 0.0, 40.0, 35.0]])
+    with torch.no_grad():
+        t1 = layers._feature_table(feat)
+        assert layers._feature_table(feat) is t1
+        assert torch.equal(t1, feat.permute(0, 2, 3, 1).reshape(-1, 6))
+        first = roi_align_gather(feat, rois, (5, 5), 0.25, 2, True)
+        feat.mul_(2)  # in place: the cached table is stale
+        t2 = layers._feature_table(feat)
+        assert t2 is not t1 and torch.equal(t2, 2 * t1)
+        second = roi_align_gather(feat, rois, (5, 5), 0.25, 2, True)
+        torch.testing.assert_close(second, 2 * first)
+        torch.testing.assert_close(second, roi_align(feat, rois, (5, 5), 0.25, 2, True))
+    key = id(feat)
+    assert key in layers._TABLES
+    del feat
+    gc.collect()
+    assert key not in layers._TABLES
+    g = torch.randn(1, 6, 9, 11, requires_grad=True)
+    assert layers._feature_table(g) is not layers._feature_table(g)
+    assert id(g) not in layers._TABLES

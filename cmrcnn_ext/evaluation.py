@@ -16,6 +16,7 @@ of ``bbox`` and ``segm`` agree to 4 decimals, including RLE / polygon ground tru
 (``"faster"``, the default, or ``"pycocotools"``); ``Trainer.build_evaluator`` uses it.
 """
 import copy
+import gc
 import itertools
 import json
 import logging
@@ -149,6 +150,23 @@ class FastCOCOEvaluator(COCOEvaluator):
         super().__init__(dataset_name, tasks, distributed, output_dir, **kwargs)
         self._faster_coco_gt = None
         self.coco_stats = {}
+
+    def evaluate(self, img_ids=None):
+        """Detectron2's ``evaluate()``, with Python's cyclic garbage collector paused.
+
+        The evaluation allocates some 10^5-10^6 small objects (result dicts, RLE strings, the
+        pickled and JSON-encoded predictions) while the predictions hold as many; the collector
+        would walk all of them again and again (measured: ~20% of the whole ``evaluate()`` on
+        500 images). The evaluation creates no reference cycles that need collecting; the
+        collector's previous state is restored afterwards, also on errors.
+        """
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return super().evaluate(img_ids)
+        finally:
+            if enabled:
+                gc.enable()
 
     def _coco_gt_faster(self):
         # Loaded from the JSON file (not shared with self._coco_api, whose annotation dicts

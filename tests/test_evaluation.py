@@ -191,3 +191,35 @@ def test_bulk_result_loading_equals_load_res(eval_set):
                 np.testing.assert_array_equal(a[key], b[key], err_msg=f"{task} {key}")
     with pytest.raises(AssertionError, match="do not correspond"):
         _load_results(fce, coco_gt, [dict(results[0], image_id=-5)], "bbox")
+
+
+def test_evaluate_pauses_and_restores_the_garbage_collector(eval_set, monkeypatch):
+    import gc
+
+    ours = FastCOCOEvaluator(eval_set["name"], tasks=TASKS, distributed=False)
+    seen = []
+    original = FastCOCOEvaluator._eval_predictions
+
+    def spy(self, predictions, img_ids=None):
+        seen.append(gc.isenabled())
+        return original(self, predictions, img_ids)
+
+    monkeypatch.setattr(FastCOCOEvaluator, "_eval_predictions", spy)
+    assert gc.isenabled()
+    _run(ours, eval_set["predictions"][:50])
+    assert seen == [False] and gc.isenabled()
+    # a collector the caller had disabled stays disabled; an error restores the state too
+    gc.disable()
+    try:
+        _run(ours, eval_set["predictions"][:50])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+    def boom(self, predictions, img_ids=None):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(FastCOCOEvaluator, "_eval_predictions", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(ours, eval_set["predictions"][:50])
+    assert gc.isenabled()

@@ -712,11 +712,6 @@ def main(argv=None):
     n_img = max([2] + batch_sizes)
     images = make_images(n_img, h, w, args.seed, num_classes)
     models = build_models(cfg, args.seed, images[0], args.weights)
-    if os.environ.get("CMRCNN_BENCH_CL_BACKBONE"):  # experiment: channels-last backbone in (b), (c)
-        for k in ("b", "c"):
-            models[k].backbone.register_forward_pre_hook(
-                lambda mod, args: (args[0].contiguous(memory_format=torch.channels_last),))
-        print("EXPERIMENT: (b) and (c) run the backbone in channels-last layout")
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     print("parameters: " + ", ".join(f"{MODEL_NAMES[k].split()[0]} {v / 1e6:.2f} M" for k, v in n_params.items()))
 

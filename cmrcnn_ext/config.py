@@ -50,8 +50,8 @@ def add_cmrcnn_config(cfg):
     # instead of torchvision's kernel, on the CPU only (training and inference): the same
     # numbers up to float rounding (~1e-6), vectorised over channels and multi-threaded where
     # torchvision's CPU kernels are serial.
-    # False = exactly Detectron2's poolers. Fixed and adaptive (POOLER_SAMPLING_RATIO 0) grids;
-    # on CUDA torchvision's kernel is used either way.
+    # False = exactly Detectron2's poolers. With POOLER_SAMPLING_RATIO 0 (adaptive) in inference
+    # only; on CUDA torchvision's kernel is used either way.
     cfg.MODEL.CMRCNN.FAST_ROI_ALIGN = False
     # CPU inference (float32): run the mask head(s)' convolutions in channels-last memory format
     # (oneDNN's fast layout) and the 2x2 deconv + ReLU + 1x1 predictor as two matrix products

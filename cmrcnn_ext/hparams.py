@@ -305,8 +305,8 @@ HPARAMS: List[HParam] = [
     HParam("MODEL.CMRCNN.FAST_ROI_ALIGN", True, OneOf(True, False),
            "Compute the box and mask poolers' ROIAlign as a weighted gather on the CPU: same "
            "numbers as torchvision's kernel (to ~1e-6), faster in training and inference.",
-           note="CPU only (fixed or adaptive POOLER_SAMPLING_RATIO); on CUDA torchvision's "
-           "kernel. False = exactly Detectron2's poolers."),
+           note="CPU only; with POOLER_SAMPLING_RATIO 0 (adaptive) in inference only. "
+           "Otherwise torchvision's kernel. False = exactly Detectron2's poolers."),
     HParam("MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD", True, OneOf(True, False),
            "CPU inference path of the mask head(s): convolutions in channels-last memory "
            "format, and the 2x2 deconv + ReLU + 1x1 predictor as two matrix products; same "

@@ -106,3 +106,22 @@ def test_feature_table_shared_without_autograd_and_refreshed():
     g = torch.randn(1, 6, 9, 11, requires_grad=True)
     assert layers._feature_table(g) is not layers._feature_table(g)
     assert id(g) not in layers._TABLES
+
+
+def test_adaptive_grid_uses_the_gather_in_inference_only(monkeypatch):
+    from cmrcnn_ext import layers
+
+    calls = []
+    original = layers.roi_align_gather
+    monkeypatch.setattr(layers, "roi_align_gather", lambda *a: calls.append(1) or original(*a))
+    mod = FastROIAlign((7, 7), 0.25, 0, True)
+    feat = torch.randn(1, 4, 20, 24)
+    rois = torch.tensor([[0.0, 3.0, 5.0, 60.0, 70.0], [0.0, 1.0, 1.0, 9.0, 12.0]])
+    with torch.no_grad():
+        torch.testing.assert_close(mod(feat, rois), roi_align(feat, rois, (7, 7), 0.25, 0, True))
+    assert calls == [1]
+    out = mod(feat.requires_grad_(), rois)  # training: torchvision's kernel and its backward
+    assert calls == [1] and out.requires_grad
+    fixed = FastROIAlign((7, 7), 0.25, 2, True)
+    fixed(feat, rois).sum().backward()
+    assert calls == [1, 1]

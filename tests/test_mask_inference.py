@@ -159,3 +159,21 @@ def test_fused_upsampling_only_in_float32_cpu_inference():
         assert not head._cpu_fast_path(x)
     head.train()
     assert not head._cpu_fast_path(x)
+
+
+def test_image_without_detections_next_to_one_with():
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    roi = model.roi_heads
+    batch = make_batch(num_images=2, seed=7, with_gt=False)
+    images = model.preprocess_image(batch)
+    box = [4.0, 6.0, 60.0, 50.0]
+    instances = [_detections(images.image_sizes[0], [], []),
+                 _detections(images.image_sizes[1], [box, box], [1, 2])]
+    with torch.no_grad():
+        features = model.backbone(images.tensor)
+        expected = _reference_probs(roi, features, instances, roi._mask_heads()[-1:])
+        out = roi._forward_mask(features, [i[torch.arange(len(i))] for i in instances])
+    assert out[0].pred_masks.shape == (0, 1, 28, 28)
+    torch.testing.assert_close(out[1].pred_masks, expected, rtol=1e-5, atol=1e-6)

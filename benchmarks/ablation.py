@@ -24,14 +24,13 @@ import os
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from cmrcnn_ext.demo import DEMO_CONFIG  # noqa: E402
+from detectron2.utils.env import seed_all_rng  # noqa: E402
 from cmrcnn_ext.engine import Trainer, setup_cfg  # noqa: E402
 
 VARIANTS = [
@@ -70,7 +69,7 @@ def run_variant(name, overrides, merges, args):
         opts += ["SOLVER.MAX_ITER", args.iters,
                  "SOLVER.STEPS", f"({int(args.iters * 0.8)}, {int(args.iters * 0.925)})"]
     cfg = setup_cfg(args.config_file, [str(o) for o in opts])
-    torch.manual_seed(cfg.SEED)
+    seed_all_rng(cfg.SEED)  # weights and image order (runs before this round seeded torch only)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     t0 = time.perf_counter()

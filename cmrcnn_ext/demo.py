@@ -19,6 +19,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import HookBase
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
@@ -134,6 +135,10 @@ def main(argv=None):
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     print("[demo] 1/3 data: synthetic shapes (generated once, then cached)", flush=True)
     cfg = setup_cfg(args.config_file, list(args.opts) + ["OUTPUT_DIR", args.output])
+    # train_net.py seeds through Detectron2's default_setup; the demo does not call it, so it
+    # seeds here the same way: with SEED >= 0 every run starts from the same weights and draws the
+    # same images in the same order (SEED < 0: a new seed per run, as in Detectron2).
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
     t_data = time.perf_counter() - start
 
     print(

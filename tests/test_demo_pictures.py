@@ -33,3 +33,31 @@ def test_pictures_show_ground_truth_and_predictions(tmp_path):
         assert (np.abs(left - big).sum(2) > 30).mean() > 0.01
         assert (np.abs(right - big).sum(2) > 30).mean() > 0.01
         assert not np.array_equal(left, right)
+
+
+def test_demo_seeds_every_rng_from_cfg_seed(monkeypatch, tmp_path):
+    """The demo seeds as train_net.py's default_setup does: with SEED >= 0 two runs build the
+    model and draw the training images from the same random state; SEED < 0 draws anew."""
+    import pytest
+
+    import cmrcnn_ext.demo as demo
+
+    class Stop(Exception):
+        pass
+
+    draws = []
+
+    def fake_trainer(cfg):  # the trainer builds the model and the data loader from these RNGs
+        draws.append((torch.rand(4), np.random.rand(4)))
+        raise Stop
+
+    monkeypatch.setattr(demo, "Trainer", fake_trainer)
+    for seed in (7, 7, 8, -1, -1):
+        monkeypatch.setattr(demo, "setup_cfg", lambda *a, seed=seed, **k: tiny_cfg("SEED", seed))
+        torch.manual_seed(123)  # whatever state the process is in
+        np.random.seed(123)
+        with pytest.raises(Stop):
+            demo.main(["--output", str(tmp_path / "out")])
+    same = [torch.equal(draws[0][0], d[0]) and np.array_equal(draws[0][1], d[1]) for d in draws]
+    assert same == [True, True, False, False, False]
+    assert not torch.equal(draws[3][0], draws[4][0])

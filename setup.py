@@ -8,6 +8,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cmrcnn_ext", "cmrcnn_ext.*"]),
+    # the configs are package data, found by name (cmrcnn_ext.model_zoo.get_config_file)
+    package_data={"cmrcnn_ext": ["configs/*.yaml", "configs/*/*.yaml", "configs/*/*.py"]},
     python_requires=">=3.9",
     # torch, torchvision and detectron2 are not listed: Detectron2 is not on PyPI under its own
     # name, and pip must not replace a user's CUDA build of torch. scripts/env.sh installs them.

@@ -3,8 +3,8 @@
 
 Examples::
 
-    python train_net.py --config-file configs/cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml
-    python train_net.py --config-file configs/cascade_mask_rcnn_R_50_FPN_1x.yaml --num-gpus 8
+    python train_net.py --config-file cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml
+    python train_net.py --config-file cascade_mask_rcnn_R_50_FPN_1x.yaml --num-gpus 8
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file ... --train-json a.json --train-images imgs/ \\
         --val-json b.json --val-images imgs/ MODEL.ROI_HEADS.NUM_CLASSES 0

@@ -46,10 +46,12 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from cmrcnn_ext.model_zoo import get_config_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_ALIASES = {
-    "r50": os.path.join(ROOT, "configs", "cascade_mask_rcnn_R_50_FPN_1x.yaml"),
-    "demo": os.path.join(ROOT, "configs", "cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml"),
+    "r50": get_config_file("cascade_mask_rcnn_R_50_FPN_1x.yaml"),
+    "demo": get_config_file("cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml"),
 }
 MODEL_NAMES = {
     "a": "(a) d2 CascadeROIHeads",
@@ -61,8 +63,8 @@ MODEL_NAMES = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="r50",
-                   help="config file, or 'r50' (configs/cascade_mask_rcnn_R_50_FPN_1x.yaml, default) "
-                        "or 'demo' (configs/cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml)")
+                   help="config file, or 'r50' (cascade_mask_rcnn_R_50_FPN_1x.yaml, default) "
+                        "or 'demo' (cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--iters", type=int, default=None,
                    help="timed inference runs per model (default 3 for R50-size configs, 10 for smaller)")

@@ -8,6 +8,7 @@
 and exposes :func:`add_cmrcnn_config`, which adds the ``MODEL.CMRCNN.*`` keys to a config.
 """
 from . import compat  # noqa: F401  (run-time fixes for Detectron2 v0.6; see compat.py)
+from . import model_zoo  # noqa: F401  (the packaged configs, by name)
 from .config import add_cmrcnn_config
 from .mask_head import CMRCNNConvUpsampleHead
 from .roi_heads import CascadeMaskROIHeads

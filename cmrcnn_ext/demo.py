@@ -25,11 +25,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from .engine import Trainer, setup_cfg
 
-DEMO_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "configs",
-    "cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml",
-)
+DEMO_CONFIG = "cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml"  # packaged (cmrcnn_ext.model_zoo)
 #: Targets of the demo (COCO AP@[.5:.95] on the held-out split, wall time of the whole run).
 TARGETS = {"box_ap": 55.0, "mask_ap": 50.0, "seconds": 600.0}
 

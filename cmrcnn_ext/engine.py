@@ -11,6 +11,7 @@ from detectron2.engine import DefaultTrainer, SimpleTrainer, default_setup
 from .checkpoint import CMRCNNCheckpointer
 from .config import add_cmrcnn_config
 from .data import register_project_datasets
+from .model_zoo import resolve_config_file
 from .nonfinite import NonFiniteLossGuard
 from .resume import RNGStateHook, build_resumable_train_loader
 from .validate import validate_config
@@ -168,7 +169,8 @@ def setup_cfg(config_file, opts=(), args=None, freeze=True):
     """get_cfg -> add_cmrcnn_config -> file -> overrides -> device -> data sets -> freeze.
 
     Args:
-        config_file (str): YAML config.
+        config_file (str): YAML config: a path, or the name of a packaged config
+            (:func:`cmrcnn_ext.model_zoo.get_config_file`).
         opts (list): trailing ``KEY VALUE`` overrides.
         args (argparse.Namespace or None): command-line data options (``--train-json`` ...).
         freeze (bool): freeze the config.
@@ -177,11 +179,7 @@ def setup_cfg(config_file, opts=(), args=None, freeze=True):
         CfgNode
     """
     cfg = add_cmrcnn_config(get_cfg())
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(
-            f"Config file '{config_file}' does not exist; the configs shipped with cmrcnn_ext "
-            "are in its configs/ folder."
-        )
+    config_file = resolve_config_file(config_file)
     # yacs raises KeyError (file) or AssertionError (list) for keys the config does not have
     for source, merge, arg in (
         (config_file, cfg.merge_from_file, config_file),

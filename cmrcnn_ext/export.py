@@ -1,6 +1,6 @@
 """Export a trained model to TorchScript (or ONNX) that runs with only torch + torchvision.
 
-    python -m cmrcnn_ext.export --config-file configs/cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml \\
+    python -m cmrcnn_ext.export --config-file cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml \\
         --weights output/demo/model_final.pth --output model.ts \\
         [--format torchscript|onnx] [--sample-image IMG] [--mask-format bool|probs] [KEY VALUE ...]
 

@@ -6,7 +6,7 @@
 wherever Detectron2 has one; only ``MODEL.CMRCNN.*``, ``DATASETS.CMRCNN.*``, ``TEST.CMRCNN_EVALUATOR`` and
 ``SOLVER.CMRCNN_*`` are added by cmrcnn_ext (see :mod:`cmrcnn_ext.config`).
 
-``default`` is the value in ``configs/cascade_mask_rcnn_R_50_FPN_reference.yaml`` (the product's
+``default`` is the value in the packaged ``cascade_mask_rcnn_R_50_FPN_reference.yaml`` (the product's
 reference preset); ``detectron2_default`` the value in Detectron2's ``get_cfg()`` (``None`` for
 cmrcnn_ext's own keys); ``detectron2_zoo`` the value in Detectron2's model-zoo config
 ``Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml``. The tests check all three against the configs.
@@ -30,7 +30,7 @@ README_BEGIN = "<!-- HPARAMS:BEGIN -->"
 README_END = "<!-- HPARAMS:END -->"
 UPDATE_COMMAND = "python -m cmrcnn_ext.hparams --update-readme README.md"
 #: Reference preset whose values are the ``default`` column.
-REFERENCE_CONFIG = "configs/cascade_mask_rcnn_R_50_FPN_reference.yaml"
+REFERENCE_CONFIG = "cascade_mask_rcnn_R_50_FPN_reference.yaml"
 #: Detectron2 model-zoo config whose values are the ``detectron2_zoo`` field.
 DETECTRON2_ZOO_CONFIG = "Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml"
 #: ``MODEL.RESNETS.DEPTH`` values Detectron2's ResNet builds.

@@ -1,6 +1,6 @@
 """Predict on images with a trained checkpoint: overlay PNGs and a COCO results JSON.
 
-    python -m cmrcnn_ext.predict --config-file configs/cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml \\
+    python -m cmrcnn_ext.predict --config-file cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml \\
         --weights output/demo/model_final.pth --input "photos/*.jpg" --output output/predictions
 
 ``--input`` takes image files, folders and glob patterns (several allowed). The results JSON

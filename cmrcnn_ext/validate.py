@@ -10,7 +10,7 @@ its value, what is allowed and how to fix it.
 Example::
 
     cfg = cmrcnn_ext.get_cfg()
-    cfg.merge_from_file("configs/cascade_mask_rcnn_R_50_FPN_reference.yaml")
+    cfg.merge_from_file("cascade_mask_rcnn_R_50_FPN_reference.yaml")
     validate_config(cfg)  # raises ConfigError listing every problem
     predictor = DefaultPredictor(cfg)
 """

@@ -9,7 +9,7 @@ import cmrcnn_ext
 from detectron2.structures import BitMasks, Boxes, Instances
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
+CONFIGS = cmrcnn_ext.model_zoo.CONFIG_DIR
 DEMO_CONFIG = os.path.join(CONFIGS, "cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml")
 
 torch.set_num_threads(int(os.environ.get("CMRCNN_TEST_THREADS", min(2, os.cpu_count() or 1))))

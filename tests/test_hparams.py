@@ -32,7 +32,7 @@ MODEL.ROI_HEADS.NMS_THRESH_TEST
 @pytest.fixture(scope="module")
 def reference_cfg():
     cfg = cmrcnn_ext.get_cfg()
-    cfg.merge_from_file(os.path.join(ROOT, hparams.REFERENCE_CONFIG))
+    cfg.merge_from_file(cmrcnn_ext.model_zoo.get_config_file(hparams.REFERENCE_CONFIG))
     return cfg
 
 

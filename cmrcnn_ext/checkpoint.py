@@ -14,9 +14,12 @@
     numpy arrays;
   * torchvision ResNet ImageNet state_dicts (``conv1.weight``, ``layer1.0.bn1.weight``...):
     detected and converted to Detectron2's names (:func:`convert_torchvision_resnet`, logged);
-  * checkpoints of Detectron2's built-in cascade (one mask head, ``roi_heads.mask_head.*``) into
-    ``MODEL.CMRCNN.MASK_STAGES all`` (one head per stage): the head is copied to every stage;
-    the reverse takes the last stage's head (both logged);
+  * checkpoints of Detectron2's built-in cascade (one mask head) into ``MODEL.CMRCNN.MASK_STAGES
+    all`` (one head per stage) and back: done by the ROI heads themselves
+    (``CascadeMaskROIHeads._load_from_state_dict``), so every loader gets it, Detectron2's
+    ``DetectionCheckpointer`` and ``DefaultPredictor`` included;
+  * ``path?matching_heuristics=True`` (Detectron2's syntax, also on Detectron2 v0.6): load by
+    name-matching heuristics;
   * checkpoints trained on another number of classes: the class-dependent tensors (box
     predictors' ``cls_score``, the mask ``predictor``, class-specific ``bbox_pred``) are skipped
     with one warning naming them; everything else loads. Counts of loaded / skipped / missing
@@ -52,11 +55,14 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from typing import Any, Dict, Iterable, List, Optional, Tuple
+from urllib.parse import parse_qs
 
 import numpy as np
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
+
+from .compat import reset_checkpointer_after_load
 
 try:  # helpers of fvcore's Checkpointer (the base class of DetectionCheckpointer)
     from fvcore.common.checkpoint import (
@@ -86,8 +92,6 @@ ACCEPTED_FORMATS = (
     "(converted automatically), and pycls .pyth files"
 )
 
-_MASK_HEAD = "roi_heads.mask_head."
-_STAGED_MASK_KEY = re.compile(r"^roi_heads\.mask_head\.(\d+)\.(.+)$")
 # Tensors whose first dimension depends on the number of classes.
 _CLASS_DEPENDENT = re.compile(
     r"(^|\.)(cls_score|bbox_pred)\.(weight|bias)$"
@@ -272,6 +276,25 @@ def _to_tensor(value):
     return value
 
 
+def _split_query(path: str) -> Tuple[str, bool]:
+    """``(file, matching_heuristics)`` of Detectron2's ``file?matching_heuristics=True`` syntax.
+
+    Raises:
+        CheckpointError: a query other than ``matching_heuristics=True|False``.
+    """
+    if "?" not in path or os.path.isfile(path):  # a local file may have "?" in its name
+        return path, False
+    base, _, query = path.partition("?")
+    queries = parse_qs(query, keep_blank_values=True)
+    value = queries.pop("matching_heuristics", ["False"])
+    if queries or value not in (["True"], ["False"]):
+        raise CheckpointError(
+            f"Unsupported query in checkpoint path '{path}': only '?matching_heuristics=True' "
+            "(load by name-matching heuristics) or '?matching_heuristics=False' is understood."
+        )
+    return base, value == ["True"]
+
+
 def _is_url(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
@@ -293,6 +316,7 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
         self.allow_pickle = allow_pickle
         self._source = ""  # what the user asked for (path or URL) during a load
         self._from_url = False
+        self._heuristics = False  # "?matching_heuristics=True" given with the path
         self._load_info: Dict[str, Any] = {}
 
     # ---------------------------------------------------------------- loading
@@ -306,28 +330,33 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
         if not path:
             return super().load(path, *args, **kwargs)
         path = path if isinstance(path, str) else os.fspath(path)
-        self._source, self._from_url = path, _is_url(path)
-        if self._from_url:
-            try:
-                path = self.path_manager.get_local_path(path)
-            except Exception as e:
-                raise CheckpointError(
-                    f"Cannot fetch checkpoint '{self._source}' ({_first_line(e)}). Without network "
-                    "access, download it elsewhere and set MODEL.WEIGHTS to the local file."
-                ) from None
-        if os.path.isdir(path):
-            raise CheckpointError(
-                f"Checkpoint '{path}' is a folder, not a file. {self._accepted()}"
-            )
-        if not os.path.isfile(path):
-            raise CheckpointError(
-                f"Checkpoint file '{path}' does not exist (MODEL.WEIGHTS, or the 'last_checkpoint' "
-                f"of OUTPUT_DIR when resuming). {self._accepted()}"
-            )
+        self._source = path
         try:
+            path, self._heuristics = _split_query(path)
+            self._from_url = _is_url(path)
+            if self._from_url:
+                try:
+                    path = self.path_manager.get_local_path(path)
+                except Exception as e:
+                    raise CheckpointError(
+                        f"Cannot fetch checkpoint '{self._source}' ({_first_line(e)}). Without "
+                        "network access, download it elsewhere and set MODEL.WEIGHTS to the local "
+                        "file."
+                    ) from None
+            if os.path.isdir(path):
+                raise CheckpointError(
+                    f"Checkpoint '{path}' is a folder, not a file. {self._accepted()}"
+                )
+            if not os.path.isfile(path):
+                raise CheckpointError(
+                    f"Checkpoint file '{path}' does not exist (MODEL.WEIGHTS, or the "
+                    f"'last_checkpoint' of OUTPUT_DIR when resuming). {self._accepted()}"
+                )
             return super().load(path, *args, **kwargs)
         finally:
-            self._source, self._from_url = "", False
+            # A failed load leaves the checkpointer ready for the next one.
+            self._source, self._from_url, self._heuristics = "", False, False
+            reset_checkpointer_after_load(self)
 
     @staticmethod
     def _accepted() -> str:
@@ -416,7 +445,10 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
             raise self._error(filename, "it is a JSON / text file, not a checkpoint")
         else:
             raise self._error(filename, "unknown content (neither a PyTorch file nor a pickle)")
-        return self._normalize(data, filename, pickled)
+        data = self._normalize(data, filename, pickled)
+        if self._heuristics:
+            data["matching_heuristics"] = True
+        return data
 
     def _normalize(self, data, filename: str, pickled: bool) -> Dict[str, Any]:
         if not isinstance(data, Mapping):
@@ -473,7 +505,6 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
                 n,
                 prefix,
             )
-        state = self._adapt_mask_heads(state, model_state)
         checkpoint["model"] = state
         self._load_info = {
             "num_model": len(model_state),
@@ -498,49 +529,6 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
             return None
 
         return find(state), find(model_state)
-
-    def _adapt_mask_heads(self, state: Dict, model_state: Mapping) -> Dict:
-        """Map one mask head <-> one mask head per cascade stage (MODEL.CMRCNN.MASK_STAGES)."""
-
-        def split(keys):
-            staged, single = {}, []
-            for k in keys:
-                m = _STAGED_MASK_KEY.match(k)
-                if m:
-                    staged.setdefault(int(m.group(1)), []).append(k)
-                elif k.startswith(_MASK_HEAD):
-                    single.append(k)
-            return staged, single
-
-        model_staged, model_single = split(model_state.keys())
-        ckpt_staged, ckpt_single = split(state.keys())
-        if model_staged and not model_single and ckpt_single and not ckpt_staged:
-            stages = sorted(model_staged)
-            for k in ckpt_single:
-                value, rest = state.pop(k), k[len(_MASK_HEAD):]
-                for s in stages:
-                    state[f"{_MASK_HEAD}{s}.{rest}"] = value
-            logger.info(
-                "The checkpoint has one mask head (roi_heads.mask_head.*, e.g. Detectron2's "
-                "built-in cascade) and the model one per stage (MODEL.CMRCNN.MASK_STAGES all): "
-                "copied it to the mask heads of stages %s.",
-                ", ".join(str(s + 1) for s in stages),
-            )
-        elif model_single and not model_staged and ckpt_staged and not ckpt_single:
-            last = max(ckpt_staged)
-            for s, keys in ckpt_staged.items():
-                for k in keys:
-                    value = state.pop(k)
-                    if s == last:
-                        state[_MASK_HEAD + _STAGED_MASK_KEY.match(k).group(2)] = value
-            logger.info(
-                "The checkpoint has one mask head per stage (roi_heads.mask_head.{0..%d}.*) and "
-                "the model one mask head: loaded the last stage's (stage %d) head, dropped the "
-                "others.",
-                last,
-                last + 1,
-            )
-        return state
 
     def _log_incompatible_keys(self, incompatible) -> None:
         info, source = self._load_info, self._source or "the checkpoint"

@@ -317,13 +317,14 @@ class ExportableCascadeMaskRCNN(nn.Module):
 def build_exportable(cfg, weights=None, mask_format="bool"):
     """Build the model of ``cfg``, load ``weights`` (default ``cfg.MODEL.WEIGHTS``; "" = keep the
     random init) and wrap it in :class:`ExportableCascadeMaskRCNN` (eval mode)."""
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
+
+    from .checkpoint import CMRCNNCheckpointer
 
     model = build_model(cfg)
     weights = cfg.MODEL.WEIGHTS if weights is None else weights
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        CMRCNNCheckpointer(model).load(weights)
     model.eval()
     return ExportableCascadeMaskRCNN(model, mask_format=mask_format).eval()
 

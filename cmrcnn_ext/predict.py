@@ -67,6 +67,23 @@ def instances_to_coco(instances, image_id, category_ids):
     return out
 
 
+def build_predictor(cfg):
+    """Detectron2's ``DefaultPredictor`` for ``cfg`` whose ``MODEL.WEIGHTS`` are loaded by
+    :class:`~cmrcnn_ext.checkpoint.CMRCNNCheckpointer` (the loader of ``train_net.py``: every
+    checkpoint layout, clear errors, ``weights_only`` reading)."""
+    from detectron2.engine import DefaultPredictor
+
+    from .checkpoint import CMRCNNCheckpointer
+
+    bare = cfg.clone()
+    bare.defrost()
+    bare.MODEL.WEIGHTS = ""  # DefaultPredictor keeps its random init; loaded below
+    predictor = DefaultPredictor(bare)
+    predictor.cfg = cfg.clone()
+    CMRCNNCheckpointer(predictor.model).load(cfg.MODEL.WEIGHTS)
+    return predictor
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config-file", required=True)
@@ -83,7 +100,6 @@ def main(argv=None):
 
     from detectron2.data import MetadataCatalog
     from detectron2.data.detection_utils import read_image
-    from detectron2.engine import DefaultPredictor
     from detectron2.utils.logger import setup_logger
     from detectron2.utils.visualizer import ColorMode, Visualizer
 
@@ -99,7 +115,7 @@ def main(argv=None):
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", args.score_thresh,
     ]  # fmt: skip
     cfg = setup_cfg(args.config_file, opts)
-    predictor = DefaultPredictor(cfg)
+    predictor = build_predictor(cfg)
     names = cfg.DATASETS.TEST or cfg.DATASETS.TRAIN
     meta = MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unused")
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES

@@ -5,6 +5,7 @@ Cai & Vasconcelos, "Cascade R-CNN: High Quality Object Detection and Instance Se
 on the last, or on every stage. Detectron2's built-in :class:`CascadeROIHeads` only does the
 first; this subclass adds the others, per-stage loss weights and a test-time mask merge.
 """
+import logging
 import math
 import re
 from typing import Dict, List, Optional, Sequence
@@ -24,6 +25,7 @@ from .config import MASK_STAGES_CHOICES, TEST_MASK_MERGE_CHOICES
 from .layers import use_fast_roi_align
 
 _STAGE_SUFFIX = re.compile(r"_stage(\d+)$")
+logger = logging.getLogger(__name__)
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -120,6 +122,22 @@ class CascadeMaskROIHeads(CascadeROIHeads):
             ret["mask_head"] = nn.ModuleList(heads)
         return ret
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Load checkpoints with one mask head into per-stage heads and back (logged).
+
+        Every loader calls this (``DetectionCheckpointer``, ``DefaultPredictor``, export, the
+        project's checkpointer), as Detectron2's PointRend heads convert old weights here. It
+        renames keys of ``state_dict`` under ``prefix + "mask_head."`` before the heads load them
+        (:func:`adapt_mask_head_keys`); the rest is ``nn.Module``'s loading.
+        """
+        heads = self._mask_heads() if self.mask_on else []
+        if heads:
+            staged = isinstance(self.mask_head, nn.ModuleList)
+            adapt_mask_head_keys(
+                state_dict, prefix + "mask_head.", [h.state_dict() for h in heads], staged
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _mask_heads(self) -> List[nn.Module]:
         if isinstance(self.mask_head, nn.ModuleList):
             return list(self.mask_head)
@@ -138,7 +156,9 @@ class CascadeMaskROIHeads(CascadeROIHeads):
             self._stage_inputs = None
 
     def _forward_box(self, features, proposals, targets=None):
-        if not self.training and self.prefix_nms:
+        if not self.training and self.prefix_nms and not torch.jit.is_tracing():
+            # Tracing (Detectron2's TracingAdapter) takes Detectron2's own inference: the prefix
+            # search decides in Python how many candidates to keep, which a trace would freeze.
             return self._inference_boxes(features, proposals)
         if self._stage_inputs is not None:
             self._stage_inputs[0] = proposals
@@ -204,8 +224,7 @@ class CascadeMaskROIHeads(CascadeROIHeads):
         if len(used) == 1:
             return used[0](x, instances)
         probs = sum(head.mask_probs(x, instances) for head in used) / len(used)
-        for inst, p in zip(instances, probs.split([len(i) for i in instances])):
-            inst.pred_masks = p
+        _set_pred_masks(instances, probs)
         return instances
 
     def _forward_mask_unique_boxes(self, features, instances, heads):
@@ -240,8 +259,7 @@ class CascadeMaskROIHeads(CascadeROIHeads):
             probs = p if probs is None else probs + p
         if len(heads) > 1:
             probs = probs / len(heads)
-        for inst, p in zip(instances, probs.split([len(i) for i in instances])):
-            inst.pred_masks = p
+        _set_pred_masks(instances, probs)
         return instances
 
     def _mask_losses(self, features, stage0_proposals, heads):
@@ -258,6 +276,88 @@ class CascadeMaskROIHeads(CascadeROIHeads):
                 with storage.name_scope(f"stage{stage}"):
                     losses[f"loss_mask_stage{stage}"] = head(x, fg)["loss_mask"] * weight
         return losses
+
+
+def adapt_mask_head_keys(state_dict, head_prefix: str, head_states, staged: bool) -> None:
+    """Rename mask-head tensors of ``state_dict`` (in place) to the model's layout.
+
+    - One head in the checkpoint (``<head_prefix>mask_fcn1.weight``..., Detectron2's built-in
+      cascade or ``MASK_STAGES`` first / last), per-stage heads in the model (``MASK_STAGES``
+      all, ``<head_prefix><stage>.mask_fcn1.weight``): the head is copied to every stage.
+    - Per-stage heads in the checkpoint, one in the model: the last stage's head is loaded (at
+      test time masks come from the final boxes, which the last stage's head was trained on).
+
+    A copied tensor whose shape differs from the model's (another number of classes in the
+    predictor) is left out with a warning, so the model keeps its initialisation there, as
+    Detectron2's checkpointer does for same-named tensors. Nothing is done when the layouts
+    already agree.
+
+    Args:
+        state_dict (dict): the state being loaded (modified in place).
+        head_prefix (str): e.g. ``"roi_heads.mask_head."``.
+        head_states (list[dict]): the model's mask heads' own ``state_dict()``, in stage order.
+        staged (bool): whether the model holds one head per stage (an ``nn.ModuleList``).
+    """
+    single, per_stage = [], {}
+    for key in list(state_dict):
+        if not key.startswith(head_prefix):
+            continue
+        first, _, rest = key[len(head_prefix):].partition(".")
+        if first.isdigit() and rest:
+            per_stage.setdefault(int(first), []).append(key)
+        else:
+            single.append(key)
+    if staged and single and not per_stage:
+        wrong = []
+        for key in single:
+            value, name = state_dict.pop(key), key[len(head_prefix):]
+            for stage, target in enumerate(head_states):
+                if name in target and target[name].shape != value.shape:
+                    wrong.append(f"{head_prefix}{stage}.{name}")
+                    continue
+                state_dict[f"{head_prefix}{stage}.{name}"] = value
+        logger.info(
+            "The checkpoint has one mask head (%s*, e.g. Detectron2's built-in cascade) and the "
+            "model one per stage (MODEL.CMRCNN.MASK_STAGES all): copied it to the mask heads of "
+            "stages %s.",
+            head_prefix,
+            ", ".join(str(s + 1) for s in range(len(head_states))),
+        )
+        if wrong:
+            logger.warning(
+                "Not loading %d mask-head tensor(s) whose shape differs from the model's (another "
+                "number of classes?); they keep their initialization: %s",
+                len(wrong),
+                ", ".join(wrong),
+            )
+    elif not staged and per_stage and not single:
+        last = max(per_stage)
+        for stage, keys in per_stage.items():
+            for key in keys:
+                value = state_dict.pop(key)
+                if stage == last:
+                    state_dict[head_prefix + key[len(head_prefix):].partition(".")[2]] = value
+        logger.info(
+            "The checkpoint has one mask head per stage (%s{0..%d}.*) and the model one mask "
+            "head: loaded the last stage's (stage %d) head, dropped the others.",
+            head_prefix,
+            last,
+            last + 1,
+        )
+
+
+def _set_pred_masks(instances: List[Instances], probs: torch.Tensor) -> None:
+    """Give each image's instances its rows of ``probs`` (concatenated in image order).
+
+    One image takes all rows without a split: a split by Python-side counts would be frozen
+    into a trace (Detectron2's ``TracingAdapter`` traces one image), while the rows of one image
+    are simply all of them.
+    """
+    if len(instances) == 1:
+        instances[0].pred_masks = probs
+        return
+    for inst, p in zip(instances, probs.split([len(i) for i in instances])):
+        inst.pred_masks = p
 
 
 def _shares_mask_rows(heads, instances) -> bool:

@@ -50,11 +50,11 @@ def builtin_state():
 
 @pytest.fixture
 def log_text():
-    """Messages of cmrcnn_ext.checkpoint (own handler: works whatever propagation is set)."""
+    """Messages of cmrcnn_ext's loggers (own handler: works whatever propagation is set)."""
     records = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = lambda record: records.append(record.getMessage())
-    log = logging.getLogger("cmrcnn_ext.checkpoint")
+    log = logging.getLogger("cmrcnn_ext")
     level = log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)

@@ -230,3 +230,49 @@ def test_cli_onnx(tmp_path):
         assert_same(reference(model, img, "probs"), out_ort, f"ONNX at {tuple(img.shape)}")
         counts.append(len(out_ort[0]))
     assert len(set(counts)) > 1
+
+
+# ------------------------------------------------------------ Detectron2's own TracingAdapter
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("mode", list(MODES))
+def test_detectron2_tracing_adapter_with_and_without_detections(mode):
+    """Detectron2's ``TracingAdapter`` (Detectron2 main; v0.6's ``detectron2.export`` does not
+    import) traces the model with PREFIX_NMS on (the default): traced on an image with
+    detections it runs on one without, and the reverse, giving the eager outputs."""
+    try:
+        from detectron2.export import TracingAdapter
+    except ImportError as e:
+        pytest.skip(f"the installed Detectron2 has no TracingAdapter ({e})")
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(*MODES[mode], "MODEL.CMRCNN.PREFIX_NMS", True)).eval()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 128, 128, generator=g) * 255, torch.full((3, 128, 128), 128.0)]
+
+    def eager(img):
+        with torch.no_grad():
+            return model([{"image": img}])[0]["instances"]
+
+    # a score threshold between the two images' best scores: one image has detections, the
+    # other none
+    best = [float(eager(img).scores.max()) for img in images]
+    assert best[0] != best[1]
+    for predictor in model.roi_heads.box_predictor:
+        predictor.test_score_thresh = sum(best) / 2
+    expected = [eager(img) for img in images]
+    assert sorted(len(e) for e in expected)[0] == 0 < sorted(len(e) for e in expected)[1]
+
+    for traced_on in images:
+        adapter = TracingAdapter(model, [{"image": traced_on}])
+        with torch.no_grad():
+            traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
+        for img, want in zip(images, expected):
+            with torch.no_grad():
+                got = adapter.outputs_schema(traced(img))[0]["instances"]
+            assert len(got) == len(want)
+            if len(want):
+                torch.testing.assert_close(got.pred_boxes.tensor, want.pred_boxes.tensor)
+                torch.testing.assert_close(got.scores, want.scores)
+                assert torch.equal(got.pred_classes, want.pred_classes)
+                assert torch.equal(got.pred_masks, want.pred_masks)

@@ -7,6 +7,7 @@ own (import errors on Pillow >= 10 / numpy >= 1.24 / Python 3.11, the missing ``
 by that installer to the installed source. This module holds what is decided at run time; each
 function does nothing where the installed Detectron2 is already right.
 """
+import contextlib
 import functools
 import logging
 
@@ -51,3 +52,38 @@ def allow_cpu_ddp():
 
     create_ddp_model._cmrcnn_allows_cpu = True
     defaults.create_ddp_model = create_ddp_model
+
+
+def reset_checkpointer_after_load(checkpointer) -> None:
+    """Make a ``DetectionCheckpointer`` usable again after a load that raised.
+
+    Why: Detectron2 main's ``DetectionCheckpointer.load`` asserts that its private
+    ``_parsed_url_during_load`` is None, sets it, and resets it only when loading succeeds, so
+    after one failed load (a missing or corrupt file) every later load fails with a bare
+    ``AssertionError``. Delete when Detectron2 resets it in a ``finally`` (v0.6 has no such
+    attribute: nothing to do).
+    """
+    if getattr(checkpointer, "_parsed_url_during_load", None) is not None:
+        checkpointer._parsed_url_during_load = None
+
+
+@contextlib.contextmanager
+def coco_ap_function(replacement):
+    """Inside the block, Detectron2's ``COCOEvaluator`` computes each task's COCOeval with
+    ``replacement(original, coco_gt, coco_results, iou_type, **kwargs)``.
+
+    Why: ``COCOEvaluator._eval_predictions`` calls the module function
+    ``_evaluate_predictions_on_coco`` (whose keywords differ between Detectron2 versions:
+    ``use_fast_impl`` in v0.6, ``cocoeval_fn`` on main) and offers no other way to change the
+    AP computation; ``replacement`` receives the original and the arguments as given, so it can
+    pass through what it does not handle. Delete when ``COCOEvaluator`` takes the COCOeval
+    implementation as an argument.
+    """
+    from detectron2.evaluation import coco_evaluation
+
+    original = coco_evaluation._evaluate_predictions_on_coco
+    coco_evaluation._evaluate_predictions_on_coco = functools.partial(replacement, original)
+    try:
+        yield
+    finally:
+        coco_evaluation._evaluate_predictions_on_coco = original

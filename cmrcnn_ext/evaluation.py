@@ -17,14 +17,12 @@ of ``bbox`` and ``segm`` agree to 4 decimals, including RLE / polygon ground tru
 """
 import copy
 import gc
-import itertools
-import json
 import logging
-import os
 
 from detectron2.evaluation import COCOEvaluator
-from detectron2.evaluation import coco_evaluation as d2_coco_evaluation
 from detectron2.utils.file_io import PathManager
+
+from .compat import coco_ap_function
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +134,16 @@ class FastCOCOEvaluator(COCOEvaluator):
     """Detectron2's ``COCOEvaluator`` computing box and mask AP with ``faster-coco-eval``.
 
     Construction, ``process()``, ``evaluate()``, the result dict (``bbox`` / ``segm``: AP,
-    AP50, AP75, APs, APm, APl and ``AP-<class>``), the files written to ``output_dir`` and the
-    box-proposal evaluation are Detectron2's. Only the AP computation of ``bbox`` and ``segm``
-    changes (``keypoints`` still use pycocotools). ``use_fast_impl`` is ignored.
+    AP50, AP75, APs, APm, APl and ``AP-<class>``), the files written to ``output_dir``, the
+    category-id mapping and the box-proposal and keypoint evaluation are Detectron2's own code:
+    only the COCOeval of ``bbox`` and ``segm`` is replaced, by
+    :func:`evaluate_predictions_on_coco_faster` (``use_fast_impl`` is ignored).
+
+    ``evaluate()`` may be called again: the stored predictions are not modified (Detectron2's
+    own evaluator maps their category ids in place).
 
     After ``evaluate()``, ``coco_stats[task]`` holds the 12 COCO summary numbers (0-1 scale,
-    -1 where undefined).
+    -1 where undefined) of ``bbox`` and ``segm``.
     """
 
     def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, **kwargs):
@@ -156,9 +158,9 @@ class FastCOCOEvaluator(COCOEvaluator):
 
         The evaluation allocates some 10^5-10^6 small objects (result dicts, RLE strings, the
         pickled and JSON-encoded predictions) while the predictions hold as many; the collector
-        would walk all of them again and again (measured: ~20% of the whole ``evaluate()`` on
-        500 images). The evaluation creates no reference cycles that need collecting; the
-        collector's previous state is restored afterwards, also on errors.
+        would walk all of them again and again (docs/performance.md). The evaluation creates
+        no reference cycles that need collecting; the collector's previous state is restored
+        afterwards, also on errors.
         """
         enabled = gc.isenabled()
         gc.disable()
@@ -168,6 +170,30 @@ class FastCOCOEvaluator(COCOEvaluator):
             if enabled:
                 gc.enable()
 
+    def _eval_predictions(self, predictions, img_ids=None):
+        # Detectron2's _eval_predictions on copies of the result dicts (it maps their category
+        # ids in place), with the per-task COCOeval routed through self._compute_ap.
+        copies = [{**p, "instances": [dict(r) for r in p["instances"]]} for p in predictions]
+        with coco_ap_function(self._compute_ap):
+            super()._eval_predictions(copies, img_ids)
+
+    def _compute_ap(self, original, coco_gt, coco_results, iou_type, **kwargs):
+        """COCOeval of one task: faster-coco-eval for ``bbox`` / ``segm``, Detectron2's own
+        function (``original``, called with the arguments it was given) for the others."""
+        if iou_type not in ("bbox", "segm"):
+            return original(coco_gt, coco_results, iou_type, **kwargs)
+        self._logger.info("Computing %s AP with faster-coco-eval ...", iou_type)
+        coco_eval = evaluate_predictions_on_coco_faster(
+            self._coco_gt_faster(),
+            coco_results,
+            iou_type,
+            img_ids=kwargs.get("img_ids"),
+            max_dets_per_image=kwargs.get("max_dets_per_image"),
+            print_function=self._logger.info,
+        )
+        self.coco_stats[iou_type] = [float(s) for s in coco_eval.stats]
+        return coco_eval
+
     def _coco_gt_faster(self):
         # Loaded from the JSON file (not shared with self._coco_api, whose annotation dicts
         # pycocotools modifies), once per evaluator.
@@ -176,74 +202,6 @@ class FastCOCOEvaluator(COCOEvaluator):
             json_file = PathManager.get_local_path(self._metadata.json_file)
             self._faster_coco_gt = fce.COCO(json_file)
         return self._faster_coco_gt
-
-    def _unmap_category_ids(self, coco_results):
-        """Contiguous ids -> dataset (COCO) ids, in new dicts (the stored predictions are left
-        as they are, so ``evaluate()`` can be called again)."""
-        if not hasattr(self._metadata, "thing_dataset_id_to_contiguous_id"):
-            return coco_results
-        id_map = self._metadata.thing_dataset_id_to_contiguous_id
-        num_classes = len(id_map)
-        assert min(id_map.values()) == 0 and max(id_map.values()) == num_classes - 1
-        reverse = {v: k for k, v in id_map.items()}
-        out = []
-        for r in coco_results:
-            c = r["category_id"]
-            assert c < num_classes, (
-                f"A prediction has class={c}, but the dataset only has {num_classes} classes and "
-                f"predicted class id should be in [0, {num_classes - 1}]."
-            )
-            out.append({**r, "category_id": reverse[c]})
-        return out
-
-    def _eval_predictions(self, predictions, img_ids=None):
-        """Detectron2's ``_eval_predictions`` with the bbox / segm AP from faster-coco-eval."""
-        self._logger.info("Preparing results for COCO format ...")
-        coco_results = list(itertools.chain(*[x["instances"] for x in predictions]))
-        tasks = self._tasks or self._tasks_from_predictions(coco_results)
-        coco_results = self._unmap_category_ids(coco_results)
-
-        if self._output_dir:
-            file_path = os.path.join(self._output_dir, "coco_instances_results.json")
-            self._logger.info("Saving results to {}".format(file_path))
-            with PathManager.open(file_path, "w") as f:
-                f.write(json.dumps(coco_results))
-                f.flush()
-
-        if not self._do_evaluation:
-            self._logger.info("Annotations are not available for evaluation.")
-            return
-
-        self._logger.info("Evaluating predictions with faster-coco-eval ...")
-        for task in sorted(tasks):
-            assert task in {"bbox", "segm", "keypoints"}, f"Got unknown task: {task}!"
-            if not coco_results:
-                coco_eval = None  # cocoapi does not handle empty results well (as Detectron2)
-            elif task == "keypoints":
-                coco_eval = d2_coco_evaluation._evaluate_predictions_on_coco(
-                    self._coco_api,
-                    coco_results,
-                    task,
-                    kpt_oks_sigmas=self._kpt_oks_sigmas,
-                    use_fast_impl=False,
-                    img_ids=img_ids,
-                    max_dets_per_image=self._max_dets_per_image,
-                )
-            else:
-                coco_eval = evaluate_predictions_on_coco_faster(
-                    self._coco_gt_faster(),
-                    coco_results,
-                    task,
-                    img_ids=img_ids,
-                    max_dets_per_image=self._max_dets_per_image,
-                    print_function=self._logger.info,
-                )
-            if coco_eval is not None:
-                self.coco_stats[task] = [float(s) for s in coco_eval.stats]
-            res = self._derive_coco_results(
-                coco_eval, task, class_names=self._metadata.get("thing_classes")
-            )
-            self._results[task] = res
 
 
 def build_coco_evaluator(cfg, dataset_name, output_folder=None, backend=None, **kwargs):

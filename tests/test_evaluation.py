@@ -169,11 +169,10 @@ def test_bulk_result_loading_equals_load_res(eval_set):
 
     from cmrcnn_ext.evaluation import _load_results
 
-    ev = FastCOCOEvaluator(eval_set["name"], tasks=TASKS, distributed=False)
-    results = ev._unmap_category_ids(
-        [r for p in eval_set["predictions"] for r in p["instances"]]
-    )
-    coco_gt = fce.COCO(ev._metadata.json_file)
+    dataset_ids = [c for c, _ in CATEGORIES]  # contiguous id -> the JSON's category id
+    results = [dict(r, category_id=dataset_ids[r["category_id"]])
+               for p in eval_set["predictions"] for r in p["instances"]]  # fmt: skip
+    coco_gt = fce.COCO(FastCOCOEvaluator(eval_set["name"], distributed=False)._metadata.json_file)
     for task in TASKS:
         def fresh():
             drop = {"bbox"} if task == "segm" else set()  # as the evaluator does for segm
@@ -223,3 +222,46 @@ def test_evaluate_pauses_and_restores_the_garbage_collector(eval_set, monkeypatc
     with pytest.raises(RuntimeError, match="boom"):
         _run(ours, eval_set["predictions"][:50])
     assert gc.isenabled()
+
+
+def test_keypoints_are_evaluated_by_detectron2s_own_code(tmp_path):
+    """Tasks other than bbox / segm go through Detectron2's own COCOeval call with the arguments
+    it chose (their keywords differ between Detectron2 versions): keypoint AP equals
+    Detectron2's COCOEvaluator's."""
+    from detectron2.data import MetadataCatalog
+
+    rng = np.random.default_rng(0)
+    images, anns, preds = [], [], []
+    for image_id in range(1, 9):
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 200, "height": 200})
+        instances = []
+        for _ in range(2):
+            x, y = rng.uniform(10, 100, 2)
+            w, h = rng.uniform(40, 90, 2)
+            pts = np.stack([rng.uniform(x, x + w, 17), rng.uniform(y, y + h, 17)], 1)
+            kps = np.concatenate([pts, np.full((17, 1), 2.0)], 1)
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                         "bbox": [x, y, w, h], "area": w * h, "num_keypoints": 17,
+                         "keypoints": kps.ravel().round(2).tolist()})  # fmt: skip
+            noisy = kps.copy()
+            noisy[:, :2] += rng.normal(0, rng.uniform(0.5, 6), (17, 2))
+            instances.append({"image_id": image_id, "category_id": 0, "bbox": [x, y, w, h],
+                              "keypoints": noisy.ravel().tolist(), "score": float(rng.uniform())})  # fmt: skip
+        preds.append({"image_id": image_id, "instances": instances})
+    gt = {"images": images, "annotations": anns,
+          "categories": [{"id": 1, "name": "person", "keypoints": [str(i) for i in range(17)],
+                          "skeleton": []}]}  # fmt: skip
+    json_file = tmp_path / "kp.json"
+    json_file.write_text(json.dumps(gt))
+    name = "cmrcnn_test_keypoints"
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+    MetadataCatalog.get(name).set(json_file=str(json_file), thing_classes=["person"],
+                                  thing_dataset_id_to_contiguous_id={1: 0})  # fmt: skip
+    ref = COCOEvaluator(name, tasks=("keypoints",), distributed=False, use_fast_impl=False)
+    ours = FastCOCOEvaluator(name, tasks=("keypoints",), distributed=False)
+    ref_results, our_results = _run(ref, preds), _run(ours, preds)
+    assert 5 < ref_results["keypoints"]["AP"] < 95
+    assert set(our_results) == {"keypoints"} and set(our_results["keypoints"]) == set(ref_results["keypoints"])
+    for key, value in ref_results["keypoints"].items():  # APl is NaN: no large persons
+        assert our_results["keypoints"][key] == pytest.approx(value, abs=0, nan_ok=True), key

@@ -13,14 +13,18 @@ the LR scheduler (``hooks.LRScheduler`` checkpoints ``_LRScheduler`` subclasses,
 
 This module fixes both; ``cmrcnn_ext.engine.Trainer`` uses it:
 
-- :func:`build_resumable_train_loader` builds Detectron2's training loader (same data set,
-  mapper, sampler choice, batch size, aspect-ratio grouping, workers) around a
-  :class:`ResumableSampler`. The loader is lazy: its index stream and worker processes start
-  at the first batch request, and it then skips what iterations ``0 .. k-1`` consumed, where
-  ``k`` is the trainer's iteration at that moment (``get_event_storage().iter``, or
-  :attr:`ResumableTrainLoader.start_iter` if set). With aspect-ratio grouping the skip is
-  computed exactly by replaying the grouping on the images' width / height, including the
-  images that were waiting in a half-full group.
+- :func:`build_resumable_train_loader` builds Detectron2's ``build_detection_train_loader(cfg)``
+  loader (its ``from_config`` chooses data set, mapper, sampler, batch size, grouping and
+  workers): the same batches in the same order, for the installed Detectron2. The loader is
+  lazy: its index stream and workers start at the first batch request; it then continues
+  after what iterations ``0 .. k-1`` consumed, ``k`` being the trainer's iteration at that
+  moment (``get_event_storage().iter``, or :attr:`ResumableTrainLoader.start_iter` if set).
+  Detectron2 gives each DataLoader worker a share of the sampler's stream
+  (:func:`_shard_chunk_size`) and torch takes the workers' outputs round-robin; each resumed
+  worker continues the share of the original worker whose turn it is. With aspect-ratio
+  grouping, the grouping is replayed on the images' width / height in the DataLoader's
+  output order, to find how many images the first ``k`` batches consumed and which ones wait
+  in a half-full group (these come first after resuming).
 - :class:`RNGStateHook` snapshots the RNG states right after every training step, restores
   them before the next step (so evaluation, writers or other hooks running between steps do
   not shift the training streams), and saves them in the trainer's checkpoint state; on
@@ -28,22 +32,26 @@ This module fixes both; ``cmrcnn_ext.engine.Trainer`` uses it:
 
 Together, with ``SEED >= 0`` (each process seeds the same way), ``DATALOADER.NUM_WORKERS 0``
 and deterministic kernels, a run killed and resumed from a checkpoint ends with the same
-weights as an uninterrupted run (tested in tests/test_resume.py). With ``NUM_WORKERS > 0``
-the data order is still exact but the augmentation draws made inside worker processes are not
-restored (workers are re-seeded on resume). RNG states are restored in single-process
-training only; with several processes each rank restarts its generators from its seed.
+weights as an uninterrupted run (tested in tests/test_resume.py). The data order is always
+exact (the grouping replay assumes the mapper keeps ``width`` / ``height``, as
+``DatasetMapper`` does, and never returns ``None``); not restored are the augmentation draws
+made in worker processes (re-seeded on resume) and those of images waiting in a half-full
+aspect-ratio group at the resume point (mapped again, the RNG states being put back after
+them so that later draws are unchanged). RNG states are restored in single-process training
+only; with several processes each rank restarts its generators from its seed.
 """
+import inspect
 import itertools
 import logging
 import operator
 import random
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.utils.data as torchdata
 
-from detectron2.data import DatasetMapper, get_detection_dataset_dicts
+from detectron2.data import build_detection_train_loader
 from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
 from detectron2.data.common import (
     AspectRatioGroupedDataset,
@@ -51,17 +59,11 @@ from detectron2.data.common import (
     MapDataset,
     ToIterableDataset,
 )
-from detectron2.data.samplers import (
-    RandomSubsetTrainingSampler,
-    RepeatFactorTrainingSampler,
-    TrainingSampler,
-)
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 __all__ = [
-    "ResumableSampler",
     "ResumableTrainLoader",
     "RNGStateHook",
     "build_resumable_train_loader",
@@ -72,26 +74,76 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class ResumableSampler(torchdata.Sampler):
-    """Wraps an infinite training sampler (Detectron2's ``TrainingSampler`` and friends; one
-    process's stream) so that its stream can start later: first ``prefix``, then the wrapped
-    stream without its first ``skip`` indices. Set both with :meth:`set_start` before
-    iterating (the stream is created when iteration starts).
+def _shard_chunk_size(batch_size: int) -> int:
+    """The chunk size with which the installed Detectron2 shards a sampler among workers.
+
+    ``build_batch_data_loader`` wraps the map-style data set in ``ToIterableDataset``, which
+    runs the sampler in each of the ``N`` DataLoader workers; worker ``w`` keeps the stream
+    positions ``p`` with ``(p // chunk) % N == w``, in order. Detectron2 v0.6 shards one index
+    at a time (``chunk = 1``); since PR #5035 ``ToIterableDataset`` takes ``shard_chunk_size``
+    and ``build_batch_data_loader`` passes the batch size. Detected by that argument.
+
+    Args:
+        batch_size: images per batch in this process.
+
+    Returns:
+        int: ``chunk``.
+    """
+    parameters = inspect.signature(ToIterableDataset.__init__).parameters
+    return int(batch_size) if "shard_chunk_size" in parameters else 1
+
+
+def _worker_share(sampler, worker: int, num_workers: int, chunk: int) -> Iterator[int]:
+    """The indices of a new pass over ``sampler`` that Detectron2 gives to worker ``worker``."""
+    stream = iter(sampler)
+    if num_workers <= 1:  # no sharding without workers or with one
+        return stream
+    return (i for p, i in enumerate(stream) if (p // chunk) % num_workers == worker)
+
+
+def _output_order(sampler, num_workers: int, chunk: int) -> Iterator[int]:
+    """The indices in the order of a DataLoader with batch size 1 over the sharded sampler:
+    output ``j`` is the ``(j // N)``-th of worker ``j % N`` (torch takes outputs round-robin).
+    """
+    shares = [_worker_share(sampler, w, num_workers, chunk) for w in range(max(num_workers, 1))]
+    for outputs in zip(*shares):  # the samplers are infinite
+        yield from outputs
+
+
+class _ResumedStream(torchdata.IterableDataset):
+    """Detectron2's ``ToIterableDataset`` (same sharding) after its first ``offset`` outputs.
+
+    ``offset`` counts DataLoader outputs, each made of ``items_per_output`` items of one
+    worker's share (a batch; one image with aspect-ratio grouping). New worker ``r`` of ``N``
+    plays original worker ``(r + offset) % N``: the new output ``j`` comes from worker
+    ``j % N``, which thus makes what the original worker of output ``offset + j`` made. It skips
+    the items of its share that the original worker's outputs before ``offset`` consumed.
     """
 
-    def __init__(self, sampler: torchdata.Sampler):
-        self.sampler = sampler
-        self._skip = 0
-        self._prefix: List[int] = []
-
-    def set_start(self, skip: int, prefix: Sequence[int] = ()) -> None:
-        self._skip, self._prefix = int(skip), [int(i) for i in prefix]
+    def __init__(self, dataset, sampler, chunk: int, offset: int, items_per_output: int):
+        self.dataset, self.sampler, self.chunk = dataset, sampler, chunk
+        self.offset, self.items_per_output = offset, items_per_output
 
     def __iter__(self):
-        # the start is read now, not when the stream is first advanced
-        return itertools.chain(
-            list(self._prefix), itertools.islice(iter(self.sampler), self._skip, None)
-        )
+        info = torchdata.get_worker_info()
+        num_workers = 1 if info is None else info.num_workers
+        worker = 0 if info is None else (info.id + self.offset) % num_workers
+        done = len(range(worker, self.offset, num_workers)) * self.items_per_output
+        share = _worker_share(self.sampler, worker, num_workers, self.chunk)
+        for idx in itertools.islice(share, done, None):
+            yield self.dataset[idx]
+
+
+def _map_keeping_rng(dataset, indices: Sequence[int]) -> Iterator[dict]:
+    """``dataset[i]`` for ``indices``, with this process's RNG states restored afterwards."""
+    if not indices:
+        return
+    state = get_rng_state()
+    try:
+        mapped = [dataset[i] for i in indices]
+    finally:
+        set_rng_state(state)
+    yield from mapped
 
 
 def _current_iteration() -> int:
@@ -111,7 +163,7 @@ class ResumableTrainLoader:
     def __init__(
         self,
         dataset: torchdata.Dataset,
-        sampler: ResumableSampler,
+        sampler: torchdata.Sampler,
         batch_size: int,
         *,
         aspect_ratio_grouping: bool,
@@ -122,111 +174,105 @@ class ResumableTrainLoader:
         """
         Args:
             dataset: map-style data set of mapped dicts.
-            sampler: this process's index stream.
+            sampler: this process's infinite index stream; each pass must repeat it.
             batch_size: images per batch in this process.
             aspect_ratio_grouping, num_workers: as Detectron2's ``build_batch_data_loader``.
             buckets: per data set index, the aspect-ratio group (0 if width > height, else 1)
                 of Detectron2's ``AspectRatioGroupedDataset``; ``None`` if unknown (the skip on
-                resume is then approximate: ``start_iter * batch_size``).
+                resume is then approximate: ``start_iter * batch_size`` images).
             seed: seed of the workers' seeds.
         """
         self.dataset = dataset
         self.sampler = sampler
         self.batch_size = int(batch_size)
         self.aspect_ratio_grouping = aspect_ratio_grouping
-        self.num_workers = num_workers
+        self.num_workers = int(num_workers)
         self.buckets = None if buckets is None else list(buckets)
         self.seed = int(seed)
+        # how the installed Detectron2 shares the sampler's stream among workers
+        self.shard_chunk_size = _shard_chunk_size(self.batch_size)
         #: Iteration whose batch the loader yields first; None: the trainer's current
         #: iteration (``get_event_storage().iter``) when the first batch is requested.
         self.start_iter: Optional[int] = None
 
-    def resume_position(self, start_iter: int) -> Tuple[List[int], int]:
-        """What iterations ``0 .. start_iter - 1`` consumed: returns ``(prefix, skip)``, the
-        indices read but still waiting in a half-full aspect-ratio group (in stream order),
-        and the number of indices of the stream consumed.
+    def resume_position(self, start_iter: int) -> Tuple[int, List[int]]:
+        """What iterations ``0 .. start_iter - 1`` consumed.
+
+        Returns:
+            tuple: ``(outputs, waiting)``: the number of DataLoader outputs consumed (batches;
+            single images with aspect-ratio grouping), and the indices among them that still
+            wait in a half-full aspect-ratio group (group 0's, then group 1's, in order).
         """
-        if start_iter <= 0:
-            return [], 0
-        if not self.aspect_ratio_grouping:
-            return [], start_iter * self.batch_size
+        if start_iter <= 0 or not self.aspect_ratio_grouping:
+            return max(int(start_iter), 0), []
         if self.buckets is None:
             logger.warning(
                 "The training dicts have no width/height: the data stream resumes approximately "
                 "(skipping %d images).",
                 start_iter * self.batch_size,
             )
-            return [], start_iter * self.batch_size
-        groups: List[List[Tuple[int, int]]] = [[], []]
-        stream = iter(self.sampler.sampler)
-        consumed = batches = 0
+            return start_iter * self.batch_size, []
+        # AspectRatioGroupedDataset on the DataLoader's output order
+        groups: List[List[int]] = [[], []]
+        outputs = batches = 0
+        order = _output_order(self.sampler, self.num_workers, self.shard_chunk_size)
         while batches < start_iter:
-            idx = next(stream)
+            idx = next(order)
+            outputs += 1
             group = groups[self.buckets[idx]]
-            group.append((consumed, idx))
-            consumed += 1
+            group.append(idx)
             if len(group) == self.batch_size:
                 batches += 1
                 del group[:]
-        waiting = sorted(groups[0] + groups[1])
-        return [idx for _, idx in waiting], consumed
+        return outputs, groups[0] + groups[1]
 
-    def _loader(self, generator: torch.Generator):
-        dataset = ToIterableDataset(self.dataset, self.sampler)
-        if self.aspect_ratio_grouping:
-            loader = torchdata.DataLoader(
-                dataset,
+    def _loader(self, generator: torch.Generator, outputs: int, waiting: List[int]):
+        grouping = self.aspect_ratio_grouping
+        chunk, per_output = self.shard_chunk_size, 1 if grouping else self.batch_size
+        stream = _ResumedStream(self.dataset, self.sampler, chunk, outputs, per_output)
+        if not grouping:
+            return torchdata.DataLoader(
+                stream,
+                batch_size=self.batch_size,
+                drop_last=True,
                 num_workers=self.num_workers,
-                collate_fn=operator.itemgetter(0),  # no batching: single mapped dicts
+                collate_fn=trivial_batch_collator,
                 worker_init_fn=worker_init_reset_seed,
                 generator=generator,
             )
-            return AspectRatioGroupedDataset(loader, self.batch_size)
-        return torchdata.DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            drop_last=True,
+        loader = torchdata.DataLoader(
+            stream,
             num_workers=self.num_workers,
-            collate_fn=trivial_batch_collator,
+            collate_fn=operator.itemgetter(0),  # no batching: single mapped dicts
             worker_init_fn=worker_init_reset_seed,
             generator=generator,
+        )
+        # Fewer than batch_size images wait per group: feeding them first refills the groups
+        # as they were at the resume point, before any new image arrives.
+        return AspectRatioGroupedDataset(
+            itertools.chain(_map_keeping_rng(self.dataset, waiting), loader), self.batch_size
         )
 
     def __iter__(self):
         # A generator: nothing runs (no index stream, no worker process) until the first
         # batch is requested, i.e. after the trainer has loaded its checkpoint.
         start = self.start_iter if self.start_iter is not None else _current_iteration()
-        prefix, skip = self.resume_position(start)
-        self.sampler.set_start(skip, prefix)
+        outputs, waiting = self.resume_position(start)
         if start:
+            consumed = outputs * (1 if self.aspect_ratio_grouping else self.batch_size)
             logger.info(
                 "Training data resumes at iteration %d: skipping the %d sampled images that "
                 "iterations 0-%d consumed%s.",
                 start,
-                skip - len(prefix),
+                consumed - len(waiting),
                 start - 1,
-                f" ({len(prefix)} more wait in a half-full aspect-ratio group)" if prefix else "",
+                f" ({len(waiting)} more wait in a half-full aspect-ratio group)" if waiting else "",
             )
         # The DataLoader draws its workers' base seed from this generator, not from the global
         # torch RNG, so starting the loader does not shift the training RNG stream.
         generator = torch.Generator()
         generator.manual_seed((self.seed * 1_000_003 + start) % (2**63))
-        yield from self._loader(generator)
-
-
-def _default_sampler(cfg, dataset):
-    name = cfg.DATALOADER.SAMPLER_TRAIN
-    logger.info("Using training sampler %s (resumable)", name)
-    if name == "TrainingSampler":
-        return TrainingSampler(len(dataset))
-    if name == "RepeatFactorTrainingSampler":
-        factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
-            dataset, cfg.DATALOADER.REPEAT_THRESHOLD
-        )
-        return RepeatFactorTrainingSampler(factors)
-    if name == "RandomSubsetTrainingSampler":
-        return RandomSubsetTrainingSampler(len(dataset), cfg.DATALOADER.RANDOM_SUBSET_RATIO)
-    raise ValueError(f"Unknown training sampler: {name}")
+        yield from self._loader(generator, outputs, waiting)
 
 
 def build_resumable_train_loader(
@@ -234,9 +280,9 @@ def build_resumable_train_loader(
 ) -> ResumableTrainLoader:
     """Detectron2's ``build_detection_train_loader(cfg)`` that resumes its data stream.
 
-    Same data set (``DATASETS.TRAIN``, filtered as Detectron2 does), mapper (``DatasetMapper(cfg,
-    True)`` unless given), sampler (``DATALOADER.SAMPLER_TRAIN``, unless given), batch size
-    (``SOLVER.IMS_PER_BATCH`` / world size), aspect-ratio grouping and workers.
+    Its ``from_config`` chooses the data set (``DATASETS.TRAIN``, filtered), mapper
+    (``DatasetMapper(cfg, True)``), sampler (``DATALOADER.SAMPLER_TRAIN``), batch size
+    (``SOLVER.IMS_PER_BATCH`` / world size), aspect-ratio grouping and workers, unless given.
 
     Args:
         cfg (CfgNode): the config.
@@ -247,34 +293,34 @@ def build_resumable_train_loader(
     Returns:
         ResumableTrainLoader
     """
-    if dataset is None:
-        dataset = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN,
-            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
-            if cfg.MODEL.KEYPOINT_ON
-            else 0,
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-        )
-    if sampler is None:
-        sampler = _default_sampler(cfg, dataset)
+    args = build_detection_train_loader.from_config(
+        cfg, mapper=mapper, dataset=dataset, sampler=sampler
+    )
+    dataset, sampler = args["dataset"], args["sampler"]
+    if sampler is None or isinstance(dataset, torchdata.IterableDataset):
+        raise ValueError("A resumable train loader needs a map-style data set and a sampler.")
     world_size = comm.get_world_size()
-    total = cfg.SOLVER.IMS_PER_BATCH
+    total = args["total_batch_size"]
     if total <= 0 or total % world_size:
         raise ValueError(
             f"SOLVER.IMS_PER_BATCH ({total}) must be a positive multiple of the number of "
             f"processes ({world_size})."
         )
-    buckets = None
-    if all("width" in d and "height" in d for d in dataset):
+    grouping = args["aspect_ratio_grouping"]
+    buckets = None  # the groups of AspectRatioGroupedDataset, if the dicts have the sizes
+    sized = isinstance(dataset, list) and all("width" in d and "height" in d for d in dataset)
+    if grouping and sized:
         buckets = [0 if d["width"] > d["height"] else 1 for d in dataset]
-    mapped = MapDataset(DatasetFromList(dataset, copy=False), mapper or DatasetMapper(cfg, True))
+    if isinstance(dataset, list):
+        dataset = DatasetFromList(dataset, copy=False)
+    if args["mapper"] is not None:
+        dataset = MapDataset(dataset, args["mapper"])
     return ResumableTrainLoader(
-        mapped,
-        ResumableSampler(sampler),
+        dataset,
+        sampler,
         total // world_size,
-        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        aspect_ratio_grouping=grouping,
+        num_workers=args["num_workers"],
         buckets=buckets,
         seed=int(np.random.randint(2**31)),
     )

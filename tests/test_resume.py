@@ -173,36 +173,80 @@ def _mapper(d):
     return dict(d)
 
 
-@pytest.mark.parametrize("grouping,workers", [(True, 0), (False, 0), (True, 2)])
+@pytest.mark.parametrize("grouping,workers", [(True, 0), (False, 0), (True, 2), (False, 2)])
 def test_resumable_loader_continues_detectron2s_data_stream(grouping, workers):
+    """Batch by batch, the image ids of Detectron2's own build_detection_train_loader(cfg), from
+    the start and after resuming at iteration k. With 2 workers Detectron2 shards the sampler
+    among them (per index in v0.6, per batch since PR #5035) and torch takes their outputs
+    round-robin: with grouping, the output order is not the sampler's."""
     import itertools
 
     import cmrcnn_ext
     from cmrcnn_ext.resume import build_resumable_train_loader
     from detectron2.data import build_detection_train_loader
-    from detectron2.data.samplers import TrainingSampler
     from detectron2.utils.events import EventStorage
 
-    # 11 images, wide and tall: aspect-ratio grouping holds some back in half-full groups
+    # 11 images, wide and tall: aspect-ratio groups fill unevenly, some images wait in them
     dicts = [{"idx": i, "width": 100 if i % 3 else 50, "height": 60} for i in range(11)]
+    for batch_size in (2, 3):
+        cfg = cmrcnn_ext.get_cfg()
+        cfg.SEED = 7  # Detectron2 main seeds the TrainingSampler from SEED
+        cfg.SOLVER.IMS_PER_BATCH = batch_size
+        cfg.DATALOADER.ASPECT_RATIO_GROUPING = grouping
+        cfg.DATALOADER.NUM_WORKERS = workers
+
+        def build(builder):
+            np.random.seed(7)  # v0.6 seeds it from numpy's global RNG
+            return builder(cfg, mapper=_mapper, dataset=dicts)
+
+        stock = _ids(itertools.islice(build(build_detection_train_loader), 16))
+        assert _ids(itertools.islice(build(build_resumable_train_loader), 16)) == stock, batch_size
+        for start in (1, 3, 5, 10):
+            loader = build(build_resumable_train_loader)
+            loader.start_iter = start
+            got = _ids(itertools.islice(loader, 6))
+            assert got == stock[start : start + 6], (batch_size, start)
+        with EventStorage(start_iter=4):  # by default: the trainer's iteration at the first batch
+            assert _ids(itertools.islice(build(build_resumable_train_loader), 6)) == stock[4:10]
+
+
+def test_images_waiting_in_a_group_are_mapped_again_without_shifting_the_rng_stream():
+    """NUM_WORKERS 0: after resuming, the images mapped after those that waited in a half-full
+    aspect-ratio group get the augmentation draws of the uninterrupted run."""
+    import itertools
+
+    import cmrcnn_ext
+    from cmrcnn_ext.resume import build_resumable_train_loader
+
+    def noisy(d):  # an "augmentation" drawing from numpy's global RNG
+        return dict(d, r=float(np.random.rand()))
+
+    dicts = [{"idx": i, "width": 100 if i % 3 else 50, "height": 60} for i in range(13)]
     cfg = cmrcnn_ext.get_cfg()
-    cfg.SOLVER.IMS_PER_BATCH = 3
-    cfg.DATALOADER.ASPECT_RATIO_GROUPING = grouping
-    cfg.DATALOADER.NUM_WORKERS = workers
+    cfg.SEED, cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS = 2, 3, 0
 
     def build():
-        return build_resumable_train_loader(cfg, mapper=_mapper, dataset=dicts, sampler=TrainingSampler(11, seed=7))
+        np.random.seed(1)
+        return build_resumable_train_loader(cfg, mapper=noisy, dataset=dicts)
 
-    reference = _ids(itertools.islice(build(), 16))
-    # the same order as Detectron2's own loader
-    stock = build_detection_train_loader(cfg, dataset=dicts, mapper=_mapper, sampler=TrainingSampler(11, seed=7))
-    assert _ids(itertools.islice(stock, 16)) == reference
-    for start in (1, 5, 10):
-        loader = build()
-        loader.start_iter = start
-        assert _ids(itertools.islice(loader, 6)) == reference[start : start + 6], start
-    with EventStorage(start_iter=4):  # by default: the trainer's iteration at the first batch
-        assert _ids(itertools.islice(build(), 6)) == reference[4:10]
+    waited = 0
+    for start in (1, 2, 4):
+        full = iter(build())
+        for _ in range(start):
+            next(full)
+        np.random.seed(3)  # as RNGStateHook restores the states before the step
+        expected = [[(d["idx"], d["r"]) for d in batch] for batch in itertools.islice(full, 3)]
+        resumed = build()
+        resumed.start_iter = start
+        waiting = resumed.resume_position(start)[1]
+        np.random.seed(3)
+        got = [[(d["idx"], d["r"]) for d in batch] for batch in itertools.islice(resumed, 3)]
+        assert [[i for i, _ in b] for b in got] == [[i for i, _ in b] for b in expected]
+        # only the waiting images (mapped again) differ; the others are mapped as before
+        differ = [x[0] for x, y in zip(itertools.chain(*got), itertools.chain(*expected)) if x != y]
+        assert len(differ) <= len(waiting) and set(differ) <= set(waiting), (start, differ)
+        waited += len(waiting)
+    assert waited  # some resume points have images waiting
 
 
 def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):

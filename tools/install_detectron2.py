@@ -3,10 +3,17 @@
 
 Run with the Python of the environment to install into (``scripts/env.sh`` does this)::
 
-    python tools/install_detectron2.py            # install or check
+    python tools/install_detectron2.py            # v0.6 (patched), unless one is installed
+    python tools/install_detectron2.py --official # official Detectron2 main with compiled _C
     python tools/install_detectron2.py --check    # only report, exit 1 if not usable
 
-What it does, in order:
+``--official`` installs official Detectron2 built from its main branch: from a wheel
+(``--wheel FILE``, ``$CMRCNN_D2_WHEEL``, or one found in ``../shared/detectron2/main-*/`` beside
+the repository, built for this Python and torch), else from GitHub
+(``pip install --no-build-isolation git+https://github.com/facebookresearch/detectron2.git``,
+minutes of compiling) when github.com is reachable; otherwise it exits with code 3 and says why.
+
+Without ``--official``, in order:
 
 1. If an **official detectron2** (one with its compiled ``detectron2._C`` extension, e.g. built
    from the git repository) is importable, it is used as is: nothing is installed.
@@ -201,16 +208,83 @@ def install(workdir):
     _pip("install", "--no-build-isolation", root)
 
 
+#: Exit code of ``--official`` when neither a wheel nor GitHub is available.
+UNAVAILABLE = 3
+GITHUB_REQUIREMENT = "git+https://github.com/facebookresearch/detectron2.git"
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_official_wheel(explicit=None):
+    """``(path or None, places searched)``: a wheel of official Detectron2 for this Python."""
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    explicit = explicit or os.environ.get("CMRCNN_D2_WHEEL")
+    if explicit:
+        return (explicit if os.path.isfile(explicit) else None), [explicit]
+    patterns = [
+        os.path.join(_REPO, os.pardir, "shared", "detectron2", "main-*", f"detectron2-*-{tag}-*.whl"),
+        os.path.join("/work", "shared", "detectron2", "main-*", f"detectron2-*-{tag}-*.whl"),
+    ]
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return os.path.normpath(found[-1]), patterns
+    return None, patterns
+
+
+def github_reachable(timeout=5.0):
+    import socket
+
+    try:
+        socket.create_connection(("github.com", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def install_official(wheel=None):
+    """Install official Detectron2 main (see the module docstring); returns an exit code."""
+    state, detail = installed_state()
+    if state == "official":
+        print(f"detectron2: official: {detail}")
+        return 0
+    if state == "patched":
+        print(f"detectron2: {detail}: replacing it with official Detectron2 main")
+        _pip("uninstall", "-y", "pb1-detectron2")
+    path, searched = find_official_wheel(wheel)
+    if path:
+        _pip("install", path)
+    elif github_reachable():
+        _pip("install", "--upgrade", "pip", "setuptools>=77,<81")  # pip 23 fails this build
+        _pip("install", "--no-build-isolation", GITHUB_REQUIREMENT)
+    else:
+        print(
+            "official Detectron2 main is not available here: no wheel found (searched "
+            + ", ".join(searched)
+            + ") and github.com is not reachable. Give a wheel with --wheel FILE or "
+            "CMRCNN_D2_WHEEL (../shared/detectron2/README.md says how to build one).",
+            file=sys.stderr,
+        )
+        return UNAVAILABLE
+    return subprocess.call([sys.executable, __file__, "--check", "--official"])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="only report the state")
     parser.add_argument("--force", action="store_true", help="reinstall the patched v0.6")
+    parser.add_argument(
+        "--official", action="store_true", help="official Detectron2 main with compiled _C"
+    )
+    parser.add_argument("--wheel", help="wheel of official Detectron2 to install (--official)")
     args = parser.parse_args(argv)
 
+    if args.official and not args.check:
+        return install_official(args.wheel)
     state, detail = installed_state()
     print(f"detectron2: {state}: {detail}")
     if args.check:
-        return 0 if state in ("official", "patched") else 1
+        wanted = ("official",) if args.official else ("official", "patched")
+        return 0 if state in wanted else 1
     if state in ("official", "patched") and not args.force:
         return 0
     if not re.match(r"^(2\.|[3-9])", __import__("torch").__version__):

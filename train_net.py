@@ -9,6 +9,15 @@ Examples::
     python train_net.py --config-file ... --train-json a.json --train-images imgs/ \\
         --val-json b.json --val-images imgs/ MODEL.ROI_HEADS.NUM_CLASSES 0
 
+Test-time augmentation (Detectron2's ``TEST.AUG.*`` keys): with ``TEST.AUG.ENABLED True`` the
+model is evaluated a second time with ``GeneralizedRCNNWithTTA`` (scales ``TEST.AUG.MIN_SIZES``,
+``TEST.AUG.FLIP``), after ``--eval-only`` evaluation or after the last training iteration; those
+results carry a ``_TTA`` suffix (``bbox_TTA``, ``segm_TTA``) and their files go to
+``OUTPUT_DIR/inference_TTA/``::
+
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS model_final.pth \\
+        TEST.AUG.ENABLED True
+
 Trailing ``KEY VALUE`` pairs override the config. On a machine without CUDA the model runs on
 the CPU (logged), whatever ``MODEL.DEVICE`` says.
 
@@ -18,7 +27,7 @@ one per GPU (NCCL) or, on a machine without CUDA, N CPU processes (gloo);
 ``--num-gpus`` is ignored). ``SOLVER.IMS_PER_BATCH`` is the total batch over all processes.
 """
 import detectron2.utils.comm as comm
-from detectron2.engine import default_argument_parser
+from detectron2.engine import default_argument_parser, hooks
 from detectron2.evaluation import verify_results
 
 from cmrcnn_ext.checkpoint import CMRCNNCheckpointer
@@ -49,11 +58,17 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if cfg.TEST.AUG.ENABLED:
+        # Period 0: once, after the last iteration (after the plain evaluation's hook).
+        tta_hook = hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))
+        trainer.register_hooks([tta_hook])
     return trainer.train()
 
 

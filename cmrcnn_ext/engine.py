@@ -62,13 +62,27 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
-            # Detectron2's AMPTrainer is CUDA-only (float16 + GradScaler; it asserts CUDA in
-            # run_step). On the CPU, SOLVER.AMP.ENABLED trains with bfloat16 autocast instead.
-            inner = self._trainer
-            self._trainer = CPUAutocastTrainer(inner.model, inner.data_loader, inner.optimizer)
-            logger.info("SOLVER.AMP.ENABLED on the CPU: training with bfloat16 autocast.")
+        cpu_amp = cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda")
+        if not cpu_amp:
+            super().__init__(cfg)
+            return
+        # Detectron2's AMPTrainer is CUDA-only (float16 + GradScaler; it asserts CUDA in
+        # run_step, and building it on the CPU warns about the GradScaler). On the CPU,
+        # SOLVER.AMP.ENABLED trains with bfloat16 autocast instead: DefaultTrainer builds a
+        # plain SimpleTrainer (AMP off in the config it is given), whose model, loader and
+        # optimizer CPUAutocastTrainer then takes over.
+        plain = cfg.clone()
+        plain.defrost()
+        plain.SOLVER.AMP.ENABLED = False
+        plain.freeze()
+        super().__init__(plain)
+        self.cfg = self.cfg.clone()  # DefaultTrainer's (maybe auto-scaled) copy, AMP back on
+        self.cfg.defrost()
+        self.cfg.SOLVER.AMP.ENABLED = True
+        self.cfg.freeze()
+        inner = self._trainer
+        self._trainer = CPUAutocastTrainer(inner.model, inner.data_loader, inner.optimizer)
+        logger.info("SOLVER.AMP.ENABLED on the CPU: training with bfloat16 autocast.")
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -78,6 +92,40 @@ class Trainer(DefaultTrainer):
         # TEST.CMRCNN_EVALUATOR: "faster" (faster-coco-eval, default) or "pycocotools"
         # (Detectron2's COCOEvaluator with the official pycocotools COCOeval).
         return build_coco_evaluator(cfg, dataset_name, output_folder, distributed=True)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate ``model`` with test-time augmentation (``TEST.AUG.*``) on ``DATASETS.TEST``.
+
+        The model is wrapped in Detectron2's :class:`~detectron2.modeling.GeneralizedRCNNWithTTA`:
+        boxes from every scale (``TEST.AUG.MIN_SIZES``, ``MAX_SIZE``) and flip (``TEST.AUG.FLIP``)
+        are merged by class-wise NMS, then the masks of the merged boxes are predicted on every
+        augmented image and their probabilities averaged. Each data set is evaluated with
+        :meth:`build_evaluator`, writing to ``OUTPUT_DIR/inference_TTA/<data set>`` (not over
+        the plain evaluation's ``inference/`` files).
+
+        Args:
+            cfg (CfgNode): the training config.
+            model (nn.Module): a ``GeneralizedRCNN``, possibly wrapped in DistributedDataParallel.
+
+        Returns:
+            OrderedDict: :meth:`test`'s results with ``"_TTA"`` appended to each top-level key
+            (``{"bbox_TTA": ..., "segm_TTA": ...}`` for one data set).
+        """
+        from collections import OrderedDict
+
+        from detectron2.modeling import GeneralizedRCNNWithTTA
+
+        logger.info("Running inference with test-time augmentation ...")
+        tta_model = GeneralizedRCNNWithTTA(cfg, model)
+        evaluators = [
+            cls.build_evaluator(
+                cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name)
+            )
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, tta_model, evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in res.items())
 
     def build_hooks(self):
         """Detectron2's hooks, preceded by :class:`~cmrcnn_ext.nonfinite.NonFiniteLossGuard`.
@@ -227,6 +275,8 @@ def _unknown_key_message(cfg, error, source):
 
 def setup(args):
     """``setup(args)`` of train_net.py: :func:`setup_cfg` + Detectron2's ``default_setup``."""
+    # default_setup logs the file's text: give it the path of a packaged config's name
+    args.config_file = resolve_config_file(args.config_file)
     cfg = setup_cfg(args.config_file, args.opts, args)
     default_setup(cfg, args)
     # cmrcnn_ext's own log lines (weights loading, data checks) into log.txt as well; keep

@@ -52,3 +52,25 @@ def test_cpu_amp_trains_in_bfloat16_and_saves_float32(tmp_path, monkeypatch):
     assert all(v.dtype != torch.bfloat16 for v in state.values())
     assert not any(k.startswith("model.") for k in state)  # the autocast wrapper is not saved
     assert "backbone.bottom_up.stem.conv1.weight" in state
+
+
+def test_cpu_amp_builds_no_cuda_grad_scaler(tmp_path, monkeypatch):
+    """Detectron2 main builds its CUDA AMPTrainer (and a GradScaler, which warns without CUDA)
+    when SOLVER.AMP.ENABLED; cmrcnn_ext's Trainer must not let it on the CPU."""
+    import warnings
+
+    from cmrcnn_ext.engine import CPUAutocastTrainer, Trainer, setup_cfg
+
+    monkeypatch.setenv("CMRCNN_EXT_CACHE_DIR", str(tmp_path / "cache"))
+    make_data(tmp_path / "data", num_val=0)
+    train_net = load_train_net()
+    args = train_net.get_parser().parse_args(
+        train_argv(tmp_path / "data", tmp_path / "out", ["SOLVER.AMP.ENABLED", True], val=False))
+    cfg = setup_cfg(args.config_file, args.opts, args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = Trainer(cfg)
+    scaler = [str(w.message) for w in caught if "GradScaler" in str(w.message)]
+    assert not scaler, scaler
+    assert type(trainer._trainer) is CPUAutocastTrainer
+    assert trainer.cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.AMP.ENABLED

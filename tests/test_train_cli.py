@@ -56,8 +56,8 @@ def test_train_and_evaluate_on_quirky_coco(tmp_path):
         json.dump(data, f)
 
     train_net = load_train_net()
-    args = train_net.get_parser().parse_args(
-        ["--config-file", DEMO_CONFIG, "--train-json", json_file, "--train-images", root,
+    args = train_net.get_parser().parse_args(  # the packaged config, by name
+        ["--config-file", os.path.basename(DEMO_CONFIG), "--train-json", json_file, "--train-images", root,
          "--val-json", json_file, "--val-images", root,
          "MODEL.ROI_HEADS.NUM_CLASSES", "0", "OUTPUT_DIR", str(tmp_path / "out")]
         + [str(x) for x in SMALL]

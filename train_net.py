@@ -18,6 +18,11 @@ results carry a ``_TTA`` suffix (``bbox_TTA``, ``segm_TTA``) and their files go 
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS model_final.pth \\
         TEST.AUG.ENABLED True
 
+``--eval-only`` needs trained weights (``MODEL.WEIGHTS`` or ``--resume``) that fit the config;
+``--eval-untrained`` evaluates a model without them. Errors in your input (config, data files,
+checkpoints) print one message and exit with code 2; ``--debug`` shows the traceback.
+Each run writes ``results.json`` (and, when training, ``training_curves.png``) to OUTPUT_DIR.
+
 Trailing ``KEY VALUE`` pairs override the config. On a machine without CUDA the model runs on
 the CPU (logged), whatever ``MODEL.DEVICE`` says.
 
@@ -26,14 +31,20 @@ one per GPU (NCCL) or, on a machine without CUDA, N CPU processes (gloo);
 ``torchrun --nproc_per_node N train_net.py ...`` works too (then torchrun's options decide and
 ``--num-gpus`` is ignored). ``SOLVER.IMS_PER_BATCH`` is the total batch over all processes.
 """
+import os
+import time
+
 import detectron2.utils.comm as comm
-from detectron2.engine import default_argument_parser, hooks
+from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 
 from cmrcnn_ext.checkpoint import CMRCNNCheckpointer
+from cmrcnn_ext.cli import add_debug_argument, run
 from cmrcnn_ext.determinism import enable_determinism
 from cmrcnn_ext.engine import Trainer, setup
 from cmrcnn_ext.launch import launch
+from cmrcnn_ext.run_report import write_results
+from cmrcnn_ext.runs import check_eval_weights
 
 
 def add_data_arguments(parser):
@@ -49,26 +60,31 @@ def add_data_arguments(parser):
 
 
 def main(args):
+    if args.eval_only:  # before anything is built: a random model's AP would mean nothing
+        check_eval_weights(args.config_file, args.opts, args.resume, args.eval_untrained)
     cfg = setup(args)
     if getattr(args, "deterministic", False):
         enable_determinism(cfg)
     if args.eval_only:
+        start = time.perf_counter()
         model = Trainer.build_model(cfg)
-        CMRCNNCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
+        checkpointer = CMRCNNCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, for_inference=not args.eval_untrained
         )
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
+            weights = cfg.MODEL.WEIGHTS
+            if args.resume and checkpointer.has_checkpoint():
+                weights = checkpointer.get_checkpoint_file()
+            write_results(cfg.OUTPUT_DIR, dict(res), {"eval": time.perf_counter() - start}, cfg,
+                          {"weights": os.path.abspath(weights) if weights else ""})  # fmt: skip
         return res
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg)  # TEST.AUG.ENABLED: Trainer.build_hooks adds the TTA evaluation
     trainer.resume_or_load(resume=args.resume)
-    if cfg.TEST.AUG.ENABLED:
-        # Period 0: once, after the last iteration (after the plain evaluation's hook).
-        tta_hook = hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))
-        trainer.register_hooks([tta_hook])
     return trainer.train()
 
 
@@ -80,13 +96,17 @@ def get_parser():
         help="deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning); "
         "needs a fixed SEED. Same SEED + NUM_WORKERS 0 -> identical losses on the CPU.",
     )
-    return parser
+    parser.add_argument(
+        "--eval-untrained",
+        action="store_true",
+        help="with --eval-only: evaluate even without trained weights (MODEL.WEIGHTS empty or "
+        "not a detector), layers missing from the checkpoint keeping their random init",
+    )
+    return add_debug_argument(parser)
 
 
-if __name__ == "__main__":
-    args = get_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(
+def launch_main(args):
+    return launch(
         main,
         args.num_gpus,
         num_machines=args.num_machines,
@@ -94,3 +114,9 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+if __name__ == "__main__":
+    args = get_parser().parse_args()
+    print("Command Line Args:", args)
+    run(launch_main, args)

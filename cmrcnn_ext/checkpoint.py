@@ -63,6 +63,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .compat import reset_checkpointer_after_load
+from .errors import UserError
 
 try:  # helpers of fvcore's Checkpointer (the base class of DetectionCheckpointer)
     from fvcore.common.checkpoint import (
@@ -108,7 +109,7 @@ _TEMP_FILE = re.compile(r"^\.(.+\.pth|last_checkpoint)\.[A-Za-z0-9_]+\.tmp$")
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, unreadable or in a format that cannot be loaded."""
 
 
@@ -307,13 +308,25 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
         model, save_dir, save_to_disk, checkpointables: as :class:`DetectionCheckpointer`.
         allow_pickle (bool): allow ``weights_only=False`` / full unpickling, with a logged
             warning, for local files that need it. Files fetched from URLs never are.
+        for_inference (bool): every tensor of the model must come from the checkpoint, with
+            its shape: a checkpoint that does not fit the config (other classes, another
+            architecture, an ImageNet backbone) raises :class:`CheckpointError` instead of
+            leaving layers at their random initialisation, as fine-tuning may.
     """
 
     def __init__(
-        self, model, save_dir="", *, save_to_disk=None, allow_pickle=True, **checkpointables
+        self,
+        model,
+        save_dir="",
+        *,
+        save_to_disk=None,
+        allow_pickle=True,
+        for_inference=False,
+        **checkpointables,
     ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.allow_pickle = allow_pickle
+        self.for_inference = for_inference
         self._source = ""  # what the user asked for (path or URL) during a load
         self._from_url = False
         self._heuristics = False  # "?matching_heuristics=True" given with the path
@@ -577,6 +590,29 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
             len(shapes),
             len(incompatible.unexpected_keys),
             len(missing),
+        )
+        if self.for_inference and (shapes or missing):
+            raise self._unfit_for_inference(source, class_dep, other, missing)
+
+    def _unfit_for_inference(self, source, class_dep, other, missing) -> CheckpointError:
+        parts = []
+        if class_dep:
+            ck, mk = self._load_info.get("num_classes", (None, None))
+            parts.append(
+                f"its class layers are for {ck} classes, the config's model has {mk} "
+                "(MODEL.ROI_HEADS.NUM_CLASSES)"
+            )
+        if other:
+            parts.append(f"{len(other)} tensor(s) have another shape (e.g. {other[0][0]})")
+        if missing:
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            parts.append(f"{len(missing)} of the model's tensors are not in it ({shown})")
+        return CheckpointError(
+            f"Checkpoint '{source}' does not fit the model built from the config: "
+            + "; ".join(parts)
+            + ". For prediction, evaluation and export every layer must come from the "
+            "checkpoint: use the config the model was trained with (the training run's "
+            "OUTPUT_DIR/config.yaml, e.g. --run OUTPUT_DIR)."
         )
 
     # ---------------------------------------------------------------- saving

@@ -65,6 +65,11 @@ def add_cmrcnn_config(cfg):
     # matters when many candidates pass SCORE_THRESH_TEST (low threshold, many classes, GPU).
     # False = Detectron2's fast_rcnn_inference.
     cfg.MODEL.CMRCNN.PREFIX_NMS = True
+    # Names of the model's classes, in output order ([] = unknown). Set from the training data
+    # (train_net.py writes them into OUTPUT_DIR/config.yaml), checked against the data when it
+    # is registered, and used by prediction and export to name the classes without loading any
+    # data set. When set, its length must equal MODEL.ROI_HEADS.NUM_CLASSES.
+    cfg.MODEL.CMRCNN.CLASS_NAMES = []
 
     # Your own COCO-format instance data, without writing code (train_net.py --train-json ...
     # sets the same keys). When TRAIN_JSON is set the data set is registered as "user_train"

@@ -23,50 +23,15 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from .cli import add_debug_argument, run
 from .engine import Trainer, setup_cfg
+from .run_report import write_results
 
 DEMO_CONFIG = "cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml"  # packaged (cmrcnn_ext.model_zoo)
 #: Targets of the demo (COCO AP@[.5:.95] on the held-out split, wall time of the whole run).
 TARGETS = {"box_ap": 55.0, "mask_ap": 50.0, "seconds": 600.0}
 
 logger = logging.getLogger("cmrcnn_ext.demo")
-
-
-def plot_training_curves(metrics_json, out_png):
-    """Plot total / per-stage losses and the learning rate from Detectron2's metrics.json."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = []
-    with open(metrics_json) as f:
-        for line in f:
-            row = json.loads(line)
-            if "total_loss" in row:
-                rows.append(row)
-    if not rows:
-        raise RuntimeError(f"{metrics_json} has no training rows to plot")
-    it = [r["iteration"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    axes[0].plot(it, [r["total_loss"] for r in rows], label="total_loss", color="black")
-    for k in ("loss_rpn_cls", "loss_rpn_loc"):
-        axes[0].plot(it, [r[k] for r in rows], label=k, alpha=0.7)
-    axes[0].set_title("total and RPN losses")
-    stage_keys = sorted(k for k in rows[0] if k.startswith("loss_") and "rpn" not in k)
-    for k in stage_keys:
-        axes[1].plot(it, [r.get(k, np.nan) for r in rows], label=k)
-    axes[1].set_title("per-stage box and mask losses")
-    axes[2].plot(it, [r["lr"] for r in rows], color="tab:red")
-    axes[2].set_title("learning rate")
-    for ax in axes:
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
 
 
 def draw_predictions(cfg, model, dataset_name, out_dir, num_images=6, score_thresh=0.3):
@@ -121,6 +86,7 @@ def main(argv=None):
     parser.add_argument("--config-file", default=DEMO_CONFIG)
     parser.add_argument("--output", default="output/demo")
     parser.add_argument("--num-vis", type=int, default=6, help="prediction pictures to draw")
+    add_debug_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
 
@@ -150,24 +116,22 @@ def main(argv=None):
     trainer.train()  # Detectron2's EvalHook evaluates DATASETS.TEST once training ends
     t_eval = timer.eval_seconds(time.perf_counter())
     t_train = time.perf_counter() - t0 - t_eval
-    # DefaultTrainer keeps the final evaluation's results (Detectron2 v0.6 and main)
-    results = getattr(trainer, "_last_eval_results", None) or Trainer.test(cfg, trainer.model)
-
-    print("[demo] 3/3 plots and prediction pictures", flush=True)
+    # The trainer's RunReportHook wrote the final evaluation and the curves when training ended.
+    with open(os.path.join(args.output, "results.json")) as f:
+        results = json.load(f)["results"]
     curves = os.path.join(args.output, "training_curves.png")
-    plot_training_curves(os.path.join(args.output, "metrics.json"), curves)
+
+    print("[demo] 3/3 prediction pictures", flush=True)
     pics = draw_predictions(
         cfg, trainer.model, cfg.DATASETS.TEST[0], os.path.join(args.output, "predictions"), args.num_vis
     )
     total = time.perf_counter() - start
     box_ap, mask_ap = results["bbox"]["AP"], results["segm"]["AP"]
+    seconds = {"data": t_data, "train": t_train, "eval": t_eval, "total": total}
+    seconds["seconds_per_iter"] = t_train / max(1, cfg.SOLVER.MAX_ITER)
     summary = {
         "config": args.config_file,
         "overrides": list(args.opts),
-        "bbox": results["bbox"],
-        "segm": results["segm"],
-        "seconds": {"data": t_data, "train": t_train, "eval": t_eval, "total": total},
-        "seconds_per_iter": t_train / max(1, cfg.SOLVER.MAX_ITER),
         "targets": TARGETS,
         "targets_met": {
             "box_ap": box_ap >= TARGETS["box_ap"],
@@ -175,8 +139,7 @@ def main(argv=None):
             "seconds": total <= TARGETS["seconds"],
         },
     }
-    with open(os.path.join(args.output, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_results(args.output, results, seconds, cfg, summary)
 
     ok = lambda b: "yes" if b else "NO"  # noqa: E731
     met = summary["targets_met"]
@@ -196,4 +159,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

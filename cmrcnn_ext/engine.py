@@ -5,16 +5,17 @@ import weakref
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, SimpleTrainer, default_setup
+from detectron2.engine import hooks as d2_hooks
 
 from .checkpoint import CMRCNNCheckpointer
-from .config import add_cmrcnn_config
+from .config_setup import load_config
 from .data import register_project_datasets
 from .model_zoo import resolve_config_file
 from .nonfinite import NonFiniteLossGuard
 from .resume import RNGStateHook, build_resumable_train_loader
-from .validate import validate_config
+from .run_report import DataSummaryHook, RunReportHook
+from .validate import ConfigError, validate_config
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +129,17 @@ class Trainer(DefaultTrainer):
         return OrderedDict((k + "_TTA", v) for k, v in res.items())
 
     def build_hooks(self):
-        """Detectron2's hooks, preceded by :class:`~cmrcnn_ext.nonfinite.NonFiniteLossGuard`.
+        """Detectron2's hooks, with cmrcnn_ext's around them:
 
-        The guard stops training at the first NaN/inf loss term, before the backward pass and
-        before any checkpoint of that iteration, on every process (see cmrcnn_ext/nonfinite.py).
+        - first :class:`~cmrcnn_ext.nonfinite.NonFiniteLossGuard` (stops training at the first
+          NaN/inf loss term, before the backward pass and before any checkpoint of that
+          iteration, on every process), :class:`~cmrcnn_ext.resume.RNGStateHook` (exact resume)
+          and :class:`~cmrcnn_ext.run_report.DataSummaryHook` (the data check's summary when
+          training starts);
+        - with ``TEST.AUG.ENABLED``, an evaluation with test-time augmentation after the last
+          iteration (:meth:`test_with_TTA`), before the writers, so ``metrics.json`` has it;
+        - last :class:`~cmrcnn_ext.run_report.RunReportHook` (``results.json`` and
+          ``training_curves.png`` in ``OUTPUT_DIR``).
         """
         # DefaultTrainer.__init__ has just created self.checkpointer and builds the hooks next:
         # swap in CMRCNNCheckpointer (more weight layouts, atomic saves) with DefaultTrainer's
@@ -139,8 +147,14 @@ class Trainer(DefaultTrainer):
         self.checkpointer = CMRCNNCheckpointer(
             self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
+        hooks = super().build_hooks()
+        if self.cfg.TEST.AUG.ENABLED:
+            tta = d2_hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model))
+            writers = [i for i, h in enumerate(hooks) if isinstance(h, d2_hooks.PeriodicWriter)]
+            hooks.insert(writers[0] if writers else len(hooks), tta)
         # RNGStateHook before the checkpointer: exact resume (cmrcnn_ext/resume.py).
-        return [NonFiniteLossGuard(), RNGStateHook()] + super().build_hooks()
+        first = [NonFiniteLossGuard(), RNGStateHook(), DataSummaryHook(self.cfg)]
+        return first + hooks + [RunReportHook(self.cfg)]
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -213,8 +227,8 @@ def _adamw_kernel(model):
     return {"fused": True}
 
 
-def setup_cfg(config_file, opts=(), args=None, freeze=True):
-    """get_cfg -> add_cmrcnn_config -> file -> overrides -> device -> data sets -> freeze.
+def setup_cfg(config_file, opts=(), args=None, freeze=True, register_data=True):
+    """:func:`~cmrcnn_ext.config_setup.load_config` -> data sets -> validation -> freeze.
 
     Args:
         config_file (str): YAML config: a path, or the name of a packaged config
@@ -222,68 +236,45 @@ def setup_cfg(config_file, opts=(), args=None, freeze=True):
         opts (list): trailing ``KEY VALUE`` overrides.
         args (argparse.Namespace or None): command-line data options (``--train-json`` ...).
         freeze (bool): freeze the config.
+        register_data (bool): register the data sets the config names (and take the number
+            and names of classes from them). Prediction and export do not: they take the
+            classes from the config (a training run's ``config.yaml``).
 
     Returns:
         CfgNode
     """
-    cfg = add_cmrcnn_config(get_cfg())
-    config_file = resolve_config_file(config_file)
-    # yacs raises KeyError (file) or AssertionError (list) for keys the config does not have
-    for source, merge, arg in (
-        (config_file, cfg.merge_from_file, config_file),
-        ("the command line", cfg.merge_from_list, list(opts)),
-    ):
-        try:
-            merge(arg)
-        except (KeyError, AssertionError) as e:
-            if "Non-existent" not in str(e):
-                raise
-            raise ValueError(_unknown_key_message(cfg, str(e), source)) from None
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning(
-            "MODEL.DEVICE=%s but CUDA is not available: running on the CPU.", cfg.MODEL.DEVICE
+    cfg = load_config(config_file, opts)
+    if register_data:
+        register_project_datasets(cfg, args)
+    elif cfg.MODEL.ROI_HEADS.NUM_CLASSES == 0:
+        raise ConfigError(
+            [
+                "MODEL.ROI_HEADS.NUM_CLASSES = 0 takes the number of classes from the training "
+                "data, which prediction and export do not read. Use the training run's config "
+                "(OUTPUT_DIR/config.yaml, or --run OUTPUT_DIR), or set NUM_CLASSES"
+            ]
         )
-        cfg.MODEL.DEVICE = "cpu"
-    register_project_datasets(cfg, args)
     validate_config(cfg)
     if freeze:
         cfg.freeze()
     return cfg
 
 
-def _unknown_key_message(cfg, error, source):
-    """Turn yacs' "Non-existent config key: X" into a message that names a fix."""
-    import difflib
-
-    key = error.strip("'\"").split(":")[-1].strip()
-    known = []
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            known.append(prefix + k)
-            if hasattr(v, "items"):
-                walk(v, prefix + k + ".")
-
-    walk(cfg, "")
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return (
-        f"Unknown config key {key!r} in {source}.{hint} Keys are Detectron2's (detectron2/config/"
-        "defaults.py) and cmrcnn_ext's (python -m cmrcnn_ext.hparams lists the tuned ones)."
-    )
-
-
 def setup(args):
-    """``setup(args)`` of train_net.py: :func:`setup_cfg` + Detectron2's ``default_setup``."""
-    # default_setup logs the file's text: give it the path of a packaged config's name
-    args.config_file = resolve_config_file(args.config_file)
-    cfg = setup_cfg(args.config_file, args.opts, args)
-    default_setup(cfg, args)
-    # cmrcnn_ext's own log lines (weights loading, data checks) into log.txt as well; keep
-    # propagating so that callers' handlers still see them.
+    """``setup(args)`` of train_net.py: the config, cmrcnn_ext's log file, the data sets, then
+    Detectron2's ``default_setup`` (seeds, logging, ``OUTPUT_DIR/config.yaml``)."""
     from detectron2.utils import comm
     from detectron2.utils.logger import setup_logger
 
+    # default_setup logs the file's text: give it the path of a packaged config's name
+    args.config_file = resolve_config_file(args.config_file)
+    cfg = load_config(args.config_file, args.opts)
+    # cmrcnn_ext's own log lines (data checks, weights loading) go to OUTPUT_DIR/log.txt from
+    # the start; they keep propagating so that callers' handlers still see them.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="cmrcnn_ext")
     logging.getLogger("cmrcnn_ext").propagate = True
+    register_project_datasets(cfg, args)
+    validate_config(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
     return cfg

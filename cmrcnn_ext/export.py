@@ -1,8 +1,12 @@
 """Export a trained model to TorchScript (or ONNX) that runs with only torch + torchvision.
 
-    python -m cmrcnn_ext.export --config-file cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml \\
-        --weights output/demo/model_final.pth --output model.ts \\
+    python -m cmrcnn_ext.export --run output/mydata --output model.ts \\
         [--format torchscript|onnx] [--sample-image IMG] [--mask-format bool|probs] [KEY VALUE ...]
+    python -m cmrcnn_ext.export --config-file cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml \\
+        --weights output/demo/model_final.pth --output model.ts
+
+``--run`` takes a training run's ``OUTPUT_DIR`` (its ``config.yaml`` and final checkpoint); no
+data set is read, and the class names stored with the exported model come from the config.
 
 The exported model (see docs/export.md) takes ONE image and returns plain tensors:
 
@@ -43,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import nms
+
+from .cli import add_debug_argument, run
 
 logger = logging.getLogger("cmrcnn_ext.export")
 
@@ -324,7 +330,7 @@ def build_exportable(cfg, weights=None, mask_format="bool"):
     model = build_model(cfg)
     weights = cfg.MODEL.WEIGHTS if weights is None else weights
     if weights:
-        CMRCNNCheckpointer(model).load(weights)
+        CMRCNNCheckpointer(model, for_inference=True).load(weights)
     model.eval()
     return ExportableCascadeMaskRCNN(model, mask_format=mask_format).eval()
 
@@ -353,15 +359,8 @@ def trace(wrapper: ExportableCascadeMaskRCNN, example: torch.Tensor):
 
 def metadata(cfg, mask_format):
     """The contract of an exported model, stored with it (JSON-serialisable dict)."""
-    from detectron2.data import MetadataCatalog
+    from .runs import class_names
 
-    names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
-    classes = None
-    if names:
-        try:
-            classes = MetadataCatalog.get(names[0]).get("thing_classes")
-        except Exception:  # noqa: BLE001 (metadata is optional)
-            classes = None
     return {
         "input": "image (3, H, W) float32 or uint8, 0-255, channel order input_format, "
         "resized by the caller (e.g. short side min_size_test, long side <= max_size_test)",
@@ -373,7 +372,7 @@ def metadata(cfg, mask_format):
         "score_thresh_test": float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST),
         "detections_per_image": int(cfg.TEST.DETECTIONS_PER_IMAGE),
         "num_classes": int(cfg.MODEL.ROI_HEADS.NUM_CLASSES),
-        "class_names": list(classes) if classes else None,
+        "class_names": class_names(cfg),
         "mask_stages": cfg.MODEL.CMRCNN.MASK_STAGES,
         "test_mask_merge": cfg.MODEL.CMRCNN.TEST_MASK_MERGE,
         "device": str(cfg.MODEL.DEVICE),
@@ -568,8 +567,11 @@ def _read_sample(path, cfg):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config-file", required=True)
-    parser.add_argument("--weights", required=True, help="checkpoint (.pth / .pkl)")
+    parser.add_argument(
+        "--run", help="a training run's OUTPUT_DIR: its config.yaml and final checkpoint"
+    )
+    parser.add_argument("--config-file", help="config (path or packaged name); default: --run's")
+    parser.add_argument("--weights", help="checkpoint (.pth / .pkl); default: --run's")
     parser.add_argument("--output", required=True, help="exported file (e.g. model.ts, model.onnx)")
     parser.add_argument("--format", choices=FORMATS, default="torchscript")
     parser.add_argument(
@@ -580,17 +582,16 @@ def main(argv=None):
     parser.add_argument("--mask-format", choices=MASK_FORMATS, default="bool")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16)")
     parser.add_argument("--no-check", action="store_true", help="skip the eager-vs-export check")
+    add_debug_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
 
     from detectron2.utils.logger import setup_logger
 
-    from .engine import setup_cfg
+    from .runs import inference_config
 
     setup_logger(name="cmrcnn_ext")
-    if not os.path.isfile(args.weights):
-        raise FileNotFoundError(f"--weights {args.weights!r} does not exist")
-    cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.WEIGHTS", args.weights])
+    cfg = inference_config(args.config_file, args.weights, args.run, args.opts)
     wrapper = build_exportable(cfg, mask_format=args.mask_format)
     example = _read_sample(args.sample_image, cfg) if args.sample_image else _example_image(cfg)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -630,4 +631,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

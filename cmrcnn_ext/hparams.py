@@ -118,6 +118,16 @@ class Number(Allowed):
         return True
 
 
+class Text(Allowed):
+    """A non-empty string."""
+
+    def __init__(self, text: str = "non-empty text"):
+        super().__init__(text)
+
+    def contains(self, value: Any) -> bool:  # noqa: D102
+        return isinstance(value, str) and bool(value.strip())
+
+
 class ListOf(Allowed):
     """A list or tuple whose items are all allowed by ``item`` (optionally of fixed length)."""
 
@@ -317,6 +327,10 @@ HPARAMS: List[HParam] = [
            "DETECTIONS_PER_IMAGE survive: Detectron2's detections in one NMS call instead of one "
            "per class; much faster on a GPU with many candidates.",
            None, "Detectron2 runs NMS over every candidate. False = Detectron2's code path."),
+    HParam("MODEL.CMRCNN.CLASS_NAMES", [], ListOf(Text(), text="list of class names, or []"),
+           "Names of the model's classes in output order; set from the training data and saved "
+           "in OUTPUT_DIR/config.yaml, so prediction and export name the classes without the "
+           "data set.", None, "Must match the data's categories and NUM_CLASSES when set."),
     # --- your data
     HParam("DATASETS.CMRCNN.TRAIN_JSON", "", _ANY_PATH,
            "Your COCO-format training JSON, registered as \"user_train\" and used as "

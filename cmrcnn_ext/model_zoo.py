@@ -15,11 +15,24 @@ Every command's ``--config-file`` accepts such a name as well as a path
 import os
 from typing import List
 
-__all__ = ["CONFIG_DIR", "get_config", "get_config_file", "list_configs", "resolve_config_file"]
+from .errors import UserError
+
+__all__ = [
+    "CONFIG_DIR",
+    "ConfigFileNotFoundError",
+    "get_config",
+    "get_config_file",
+    "list_configs",
+    "resolve_config_file",
+]
 
 #: Folder of the packaged configs.
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 _CONFIG_SUFFIXES = (".yaml", ".py")
+
+
+class ConfigFileNotFoundError(UserError, FileNotFoundError):
+    """A config file that is neither a file nor a packaged config's name."""
 
 
 def list_configs() -> List[str]:
@@ -40,7 +53,7 @@ def get_config_file(name: str) -> str:
             ``"lazy/cascade_mask_rcnn_R_50_FPN_1x.py"``; ``.yaml`` may be left out.
 
     Raises:
-        FileNotFoundError: no packaged config of that name (the message lists them).
+        ConfigFileNotFoundError: no packaged config of that name (the message lists them).
     """
     rel = name.replace("\\", "/").lstrip("/")
     if rel.startswith("configs/"):  # a repository-relative path used from another folder
@@ -49,7 +62,7 @@ def get_config_file(name: str) -> str:
         path = os.path.join(CONFIG_DIR, *candidate.split("/"))
         if candidate.endswith(_CONFIG_SUFFIXES) and os.path.isfile(path):
             return path
-    raise FileNotFoundError(
+    raise ConfigFileNotFoundError(
         f"{name!r} is not a config shipped with cmrcnn_ext. Packaged configs: "
         + ", ".join(n for n in list_configs() if not n.split("/")[-1].startswith("Base-"))
     )
@@ -59,14 +72,14 @@ def resolve_config_file(name_or_path: str) -> str:
     """``name_or_path`` if it is an existing file, else the packaged config of that name.
 
     Raises:
-        FileNotFoundError: neither a file nor a packaged config (the message says both).
+        ConfigFileNotFoundError: neither a file nor a packaged config (the message says both).
     """
     if os.path.isfile(name_or_path):
         return name_or_path
     try:
         return get_config_file(name_or_path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
+    except ConfigFileNotFoundError as e:
+        raise ConfigFileNotFoundError(
             f"Config file {name_or_path!r} does not exist, and it is not the name of a config "
             f"shipped with cmrcnn_ext. {str(e).split('. ', 1)[1]}"
         ) from None

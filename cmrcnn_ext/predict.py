@@ -1,7 +1,12 @@
 """Predict on images with a trained checkpoint: overlay PNGs and a COCO results JSON.
 
+    python -m cmrcnn_ext.predict --run output/mydata --input "photos/*.jpg" --output predictions
     python -m cmrcnn_ext.predict --config-file cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml \\
-        --weights output/demo/model_final.pth --input "photos/*.jpg" --output output/predictions
+        --weights output/demo/model_final.pth --input "photos/*.jpg" --output predictions
+
+``--run`` takes a training run's ``OUTPUT_DIR``: the model's config (``config.yaml``, with its
+class names) and its final checkpoint; no data set is read. A checkpoint that does not fit the
+config (another number of classes, ...) is an error, not a half-random model.
 
 ``--input`` takes image files, folders and glob patterns (several allowed). The results JSON
 (``coco_results.json``) is in the COCO results format (``image_id``, ``category_id``, ``bbox``
@@ -16,12 +21,17 @@ import json
 import logging
 import os
 
-import numpy as np
-import pycocotools.mask as mask_util
 from PIL import Image
+
+from .cli import add_debug_argument, run
+from .errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 logger = logging.getLogger("cmrcnn_ext.predict")
+
+
+class InputNotFoundError(UserError, FileNotFoundError):
+    """An ``--input`` that matches no image file."""
 
 
 def collect_inputs(inputs):
@@ -40,37 +50,30 @@ def collect_inputs(inputs):
         else:
             found = [p for p in glob.glob(item, recursive=True) if os.path.isfile(p)]
         if not found:
-            raise FileNotFoundError(f"--input {item!r} matches no image file")
+            raise InputNotFoundError(
+                f"--input {item!r} matches no image file (a file, a folder or a glob pattern "
+                f"in quotes; cwd: {os.getcwd()})"
+            )
         paths.extend(sorted(found))
     return list(dict.fromkeys(paths))
 
 
 def instances_to_coco(instances, image_id, category_ids):
-    """COCO result dicts for one image's ``Instances`` (on the CPU)."""
-    boxes = instances.pred_boxes.tensor.numpy()
-    scores = instances.scores.numpy().tolist()
-    classes = instances.pred_classes.numpy().tolist()
-    masks = instances.pred_masks.numpy() if instances.has("pred_masks") else None
-    out = []
-    for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-        res = {
-            "image_id": image_id,
-            "category_id": category_ids[classes[i]],
-            "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "score": scores[i],
-        }
-        if masks is not None:
-            rle = mask_util.encode(np.asfortranarray(masks[i].astype(np.uint8)))
-            rle["counts"] = rle["counts"].decode("ascii")
-            res["segmentation"] = rle
-        out.append(res)
-    return out
+    """COCO result dicts for one image's ``Instances`` (on the CPU): Detectron2's
+    ``instances_to_coco_json``, with class indices mapped to ``category_ids``."""
+    from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+
+    results = instances_to_coco_json(instances, image_id)
+    for r in results:
+        r["category_id"] = category_ids[r["category_id"]]
+    return results
 
 
 def build_predictor(cfg):
     """Detectron2's ``DefaultPredictor`` for ``cfg`` whose ``MODEL.WEIGHTS`` are loaded by
-    :class:`~cmrcnn_ext.checkpoint.CMRCNNCheckpointer` (the loader of ``train_net.py``: every
-    checkpoint layout, clear errors, ``weights_only`` reading)."""
+    :class:`~cmrcnn_ext.checkpoint.CMRCNNCheckpointer` for inference (the loader of
+    ``train_net.py``: every checkpoint layout, clear errors, ``weights_only`` reading; a
+    checkpoint that does not fit the config is an error)."""
     from detectron2.engine import DefaultPredictor
 
     from .checkpoint import CMRCNNCheckpointer
@@ -80,57 +83,70 @@ def build_predictor(cfg):
     bare.MODEL.WEIGHTS = ""  # DefaultPredictor keeps its random init; loaded below
     predictor = DefaultPredictor(bare)
     predictor.cfg = cfg.clone()
-    CMRCNNCheckpointer(predictor.model).load(cfg.MODEL.WEIGHTS)
+    CMRCNNCheckpointer(predictor.model, for_inference=True).load(cfg.MODEL.WEIGHTS)
     return predictor
 
 
-def main(argv=None):
+def _category_ids(gt, names, json_file):
+    """The ground truth's category id of each class, matched by name."""
+    by_name = {str(c["name"]): c["id"] for c in gt["categories"]}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise UserError(
+            f"--coco-json {json_file}: the model's classes {missing} are not among its "
+            f"categories {sorted(by_name)}; give the ground truth of the model's classes"
+        )
+    return [by_name[n] for n in names]
+
+
+def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config-file", required=True)
-    parser.add_argument("--weights", required=True, help="checkpoint (.pth / .pkl)")
+    parser.add_argument(
+        "--run", help="a training run's OUTPUT_DIR: its config.yaml and final checkpoint"
+    )
+    parser.add_argument("--config-file", help="config (path or packaged name); default: --run's")
+    parser.add_argument("--weights", help="checkpoint (.pth / .pkl); default: --run's")
     parser.add_argument("--input", nargs="+", required=True, help="images, folders or globs")
     parser.add_argument("--output", required=True, help="folder for PNGs and the JSON")
     parser.add_argument("--score-thresh", type=float, default=0.5)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--coco-json", help="ground-truth JSON whose image/category ids to use")
+    add_debug_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
 
     import torch
 
-    from detectron2.data import MetadataCatalog
+    from detectron2.data import Metadata
     from detectron2.data.detection_utils import read_image
     from detectron2.utils.logger import setup_logger
     from detectron2.utils.visualizer import ColorMode, Visualizer
 
-    from .engine import setup_cfg
+    from .runs import class_names, inference_config
 
     setup_logger(name="cmrcnn_ext")
-    if not os.path.isfile(args.weights):
-        raise FileNotFoundError(f"--weights {args.weights!r} does not exist")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     opts = list(args.opts) + [
-        "MODEL.WEIGHTS", args.weights,
         "MODEL.DEVICE", device,
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", args.score_thresh,
     ]  # fmt: skip
-    cfg = setup_cfg(args.config_file, opts)
+    cfg = inference_config(args.config_file, args.weights, args.run, opts)
+    paths = collect_inputs(args.input)
     predictor = build_predictor(cfg)
-    names = cfg.DATASETS.TEST or cfg.DATASETS.TRAIN
-    meta = MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unused")
-    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    category_ids = list(range(1, num_classes + 1))
+    names = class_names(cfg)
+    meta = Metadata(name="cmrcnn_predict", thing_classes=names)
+    category_ids = list(range(1, len(names) + 1))
     image_ids = {}
     if args.coco_json:
         with open(args.coco_json) as f:
             gt = json.load(f)
-        category_ids = sorted(c["id"] for c in gt["categories"])
+        category_ids = _category_ids(gt, names, args.coco_json)
         image_ids = {im["file_name"]: im["id"] for im in gt["images"]}
-    elif hasattr(meta, "thing_dataset_id_to_contiguous_id"):
-        inverse = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
-        category_ids = [inverse[i] for i in range(num_classes)]
 
-    paths = collect_inputs(args.input)
     os.makedirs(args.output, exist_ok=True)
     results = []
     from tqdm import tqdm
@@ -155,4 +171,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

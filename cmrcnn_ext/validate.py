@@ -16,6 +16,7 @@ Example::
 """
 from typing import Any, Callable, List, Set
 
+from .errors import UserError
 from .hparams import CASCADE_ROI_HEADS, HPARAMS, cfg_value, format_value
 
 __all__ = ["ConfigError", "config_problems", "validate_config"]
@@ -35,7 +36,7 @@ _FIXES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Invalid config values; ``problems`` holds one line per problem (also in the message)."""
 
     def __init__(self, problems: List[str]):
@@ -201,6 +202,17 @@ def _check_backbone(c: _Checker) -> None:
         )
 
 
+def _check_class_names(c: _Checker) -> None:
+    names, num = "MODEL.CMRCNN.CLASS_NAMES", "MODEL.ROI_HEADS.NUM_CLASSES"
+    if c.has(names, num) and c.get(names) and c.get(num) and len(c.get(names)) != c.get(num):
+        c.add(
+            names,
+            f"{len(c.get(names))} names but {num} = {c.get(num)}",
+            "one name per class, or []",
+            f"give {c.get(num)} names, or [] to take them from the data",
+        )
+
+
 def _check_data_and_solver(c: _Checker) -> None:
     key, json_key = "MODEL.ROI_HEADS.NUM_CLASSES", "DATASETS.CMRCNN.TRAIN_JSON"
     if c.has(key) and c.get(key) == 0 and not c.get(json_key, ""):
@@ -236,6 +248,7 @@ _RULES: List[Callable[[_Checker], None]] = [
     _check_cascade,
     _check_cmrcnn,
     _check_backbone,
+    _check_class_names,
     _check_data_and_solver,
 ]
 

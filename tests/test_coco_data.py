@@ -307,22 +307,23 @@ def _to_rle(segm, h, w):
 def test_quirks_load(tmp_path):
     json_file, root, segms = _quirky(tmp_path)
     report = validate_coco_json(json_file, root)
-    assert not report.needs_cleaning and report.has_rle
+    # the unused "background" category (id 0) is dropped: Detectron2 has its own background
+    assert report.fixed == {"unused_background_category_dropped": 1} and report.has_rle
     assert report.segmentation_types == {"polygon": 2, "rle": 1, "uncompressed_rle": 1}
 
     name = f"quirky_{tmp_path.name}"
     dicts = load_coco_instances(json_file, root, dataset_name=name)
     meta = MetadataCatalog.get(name)
-    assert meta.thing_classes == ["background", "dog", "cat", "zebra"]
-    assert meta.thing_dataset_id_to_contiguous_id == {0: 0, 3: 1, 7: 2, 42: 3}
-    assert meta.json_file == os.path.abspath(json_file) and not meta.json_cleaned
+    assert meta.thing_classes == ["dog", "cat", "zebra"]
+    assert meta.thing_dataset_id_to_contiguous_id == {3: 0, 7: 1, 42: 2}
+    assert meta.original_json_file == os.path.abspath(json_file) and meta.json_cleaned
     assert meta.image_root == root and meta.evaluator_type == "coco"
 
     assert [d["image_id"] for d in dicts] == [10, 20, 30]
     assert [len(d["annotations"]) for d in dicts] == [2, 2, 0]
     assert dicts[0]["file_name"] == os.path.join(root, "sub/dir/gray.png")
     anns = [a for d in dicts for a in d["annotations"]]
-    assert [a["category_id"] for a in anns] == [1, 2, 3, 2]
+    assert [a["category_id"] for a in anns] == [0, 1, 2, 1]
     assert [a["iscrowd"] for a in anns] == [0, 0, 0, 1]
     # uncompressed RLE was compressed for the mapper
     assert isinstance(anns[3]["segmentation"]["counts"], (bytes, str))
@@ -350,15 +351,15 @@ def test_quirks_load(tmp_path):
 
 def test_num_classes(tmp_path):
     json_file, _, _ = _quirky(tmp_path)
-    assert num_classes_from_json(json_file) == 4
-    assert check_num_classes(0, json_file) == 4
-    assert check_num_classes(4, json_file) == 4
+    assert num_classes_from_json(json_file) == 3  # the unused background is dropped
+    assert check_num_classes(0, json_file) == 3
+    assert check_num_classes(3, json_file) == 3
     with pytest.raises(CocoDataError) as info:
-        check_num_classes(3, json_file)
+        check_num_classes(4, json_file)
     msg = str(info.value)
-    assert "MODEL.ROI_HEADS.NUM_CLASSES is 3 but" in msg and "quirky.json" in msg
-    assert "defines 4 categories (background, dog, cat, zebra)" in msg
-    assert "set MODEL.ROI_HEADS.NUM_CLASSES 4 or leave it at 0" in msg
+    assert "MODEL.ROI_HEADS.NUM_CLASSES is 4 but" in msg and "quirky.json" in msg
+    assert "defines 3 categories (dog, cat, zebra)" in msg
+    assert "set MODEL.ROI_HEADS.NUM_CLASSES 3 or leave it at 0" in msg
 
 
 # ---------------------------------------------------------------- registration / evaluation

@@ -72,7 +72,7 @@ def test_train_and_evaluate_on_quirky_coco(tmp_path):
     assert all(np.isfinite(results[t]["AP"]) for t in results)
     from detectron2.data import MetadataCatalog
 
-    assert MetadataCatalog.get("user_train").thing_classes == ["background", "dog", "cat", "zebra"]
+    assert MetadataCatalog.get("user_train").thing_classes == ["dog", "cat", "zebra"]
 
 
 def test_num_classes_mismatch_is_a_clear_error(tmp_path):
@@ -82,7 +82,7 @@ def test_num_classes_mismatch_is_a_clear_error(tmp_path):
         ["--config-file", DEMO_CONFIG, "--train-json", json_file, "--train-images", root,
          "MODEL.ROI_HEADS.NUM_CLASSES", "7"]
     )  # fmt: skip
-    with pytest.raises(ValueError, match="NUM_CLASSES is 7 .* 4 categories"):
+    with pytest.raises(ValueError, match="NUM_CLASSES is 7 .* 3 categories"):
         train_net.setup(args)
 
 

@@ -1,0 +1,78 @@
+"""Building a config from a file and overrides, without side effects.
+
+:func:`load_config` merges a config file (a path or a packaged config's name) and ``KEY VALUE``
+overrides into Detectron2's defaults plus cmrcnn_ext's keys. Registering data sets
+(:func:`cmrcnn_ext.data.register_project_datasets`) and validation
+(:func:`cmrcnn_ext.validate_config`) are separate, explicit steps: prediction and export use the
+config without reading any data set.
+"""
+import difflib
+import logging
+
+import torch
+
+from .config import add_cmrcnn_config
+from .model_zoo import resolve_config_file
+from .validate import ConfigError
+
+__all__ = ["load_config"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_config(config_file, opts=()):
+    """get_cfg -> add_cmrcnn_config -> file -> overrides -> device (not frozen, not validated).
+
+    Args:
+        config_file (str): a YAML path, or the name of a packaged config
+            (:func:`cmrcnn_ext.model_zoo.get_config_file`).
+        opts (list): trailing ``KEY VALUE`` overrides.
+
+    Returns:
+        CfgNode
+
+    Raises:
+        ConfigError: unknown keys (with close matches).
+        ConfigFileNotFoundError: no such file or packaged config.
+    """
+    from detectron2.config import get_cfg
+
+    cfg = add_cmrcnn_config(get_cfg())
+    config_file = resolve_config_file(config_file)
+    # yacs raises KeyError (file) or AssertionError (list) for keys the config does not have
+    for source, merge, arg in (
+        (config_file, cfg.merge_from_file, config_file),
+        ("the command line", cfg.merge_from_list, list(opts)),
+    ):
+        try:
+            merge(arg)
+        except (KeyError, AssertionError) as e:
+            if "Non-existent" not in str(e):
+                raise
+            raise ConfigError([_unknown_key_message(cfg, str(e), source)]) from None
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning(
+            "MODEL.DEVICE=%s but CUDA is not available: running on the CPU.", cfg.MODEL.DEVICE
+        )
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def _unknown_key_message(cfg, error, source):
+    """Turn yacs' "Non-existent config key: X" into a message that names a fix."""
+    key = error.strip("'\"").split(":")[-1].strip()
+    known = []
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            known.append(prefix + k)
+            if hasattr(v, "items"):
+                walk(v, prefix + k + ".")
+
+    walk(cfg, "")
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return (
+        f"Unknown config key {key!r} in {source}.{hint} Keys are Detectron2's (detectron2/config/"
+        "defaults.py) and cmrcnn_ext's (python -m cmrcnn_ext.hparams lists the tuned ones)"
+    )

@@ -28,10 +28,11 @@ def _apply_command_line(cfg, args):
             data[key] = getattr(args, attr)
 
 
-def _class_order_for(val, classes, source):
+def _class_order_for(val, classes, source, short):
     """How the evaluation file's categories map to the model's ``classes`` (names, in class
     order; from ``source``): ``None`` if they are the file's own order, ``classes`` if only the
-    order (ids) differs (matched by name, logged); other names raise."""
+    order (ids) differs (matched by name, logged); other names raise. ``short`` names the
+    source once more in the message."""
     from .coco import CocoDataError
 
     names = val.thing_classes
@@ -52,7 +53,7 @@ def _class_order_for(val, classes, source):
     raise CocoDataError(
         val.json_file,
         [
-            f"its categories differ from those of {source}: only in {source}: "
+            f"its categories differ from those of {source}: only in {short}: "
             f"{only_model or 'none'}; only in the evaluation file: {only_val or 'none'}. A model "
             "predicts the classes it was trained on; export both splits with the same category "
             "list (names; ids may differ)."
@@ -84,7 +85,7 @@ def _check_trainable(report):
                 "no usable non-crowd annotation is left to train on (crowd regions are not "
                 "learned from); fix the file:"
             ]
-            + report.summary().splitlines()[1:],
+            + report.problem_lines(),
         )
 
 
@@ -182,11 +183,13 @@ def register_project_datasets(cfg, args=None):
             from .coco import prepare_coco
 
             if "train" in reports:
-                classes, source = reports["train"].thing_classes, f"the training file '{data.TRAIN_JSON}'"
+                classes, short = reports["train"].thing_classes, "the training file"
+                source = f"{short} '{data.TRAIN_JSON}'"
             else:
-                classes, source = cfg.MODEL.CMRCNN.CLASS_NAMES, "the config's MODEL.CMRCNN.CLASS_NAMES"
+                classes = cfg.MODEL.CMRCNN.CLASS_NAMES
+                short = source = "the config's MODEL.CMRCNN.CLASS_NAMES"
             val_report, _ = prepare_coco(data.VAL_JSON, data.VAL_IMAGE_ROOT)
-            class_names = _class_order_for(val_report, classes, source)
+            class_names = _class_order_for(val_report, classes, source, short)
         reports[split] = register_coco_dataset(
             name, data[json_key], data[root_key], class_names=class_names
         )

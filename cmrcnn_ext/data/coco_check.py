@@ -132,6 +132,11 @@ class ValidationReport:
         if len(self.examples[reason]) < _MAX_EXAMPLES:
             self.examples[reason].append(what)
 
+    def problem_lines(self):
+        """The summary's lines about skipped and repaired items (for error messages)."""
+        lines = [line.strip() for line in self.summary().splitlines()[1:]]
+        return [line for line in lines if not line.startswith("instances per class")]
+
     def summary(self):
         """Multi-line, human-readable summary: kept / dropped with reasons, repairs, classes."""
         lines = [
@@ -392,7 +397,7 @@ def check_coco(json_file, image_root, check_images=True):
             path,
             [f"all {len(anns)} annotations were dropped ({len(kept_images)} of {len(images)} "
              "images usable); fix the file so that at least some annotations are usable:"]
-            + report.summary().splitlines()[1:],
+            + report.problem_lines(),
         )  # fmt: skip
     _renumber_annotations(kept_anns, report)
     return report, dict(data, images=kept_images, annotations=kept_anns)

@@ -10,6 +10,13 @@ setup(
     packages=find_packages(include=["cmrcnn_ext", "cmrcnn_ext.*"]),
     # the configs are package data, found by name (cmrcnn_ext.model_zoo.get_config_file)
     package_data={"cmrcnn_ext": ["configs/*.yaml", "configs/*/*.yaml", "configs/*/*.py"]},
+    entry_points={
+        "console_scripts": [
+            "cmrcnn-demo = cmrcnn_ext.apps.demo:cli",
+            "cmrcnn-predict = cmrcnn_ext.apps.predict:cli",
+            "cmrcnn-export = cmrcnn_ext.apps.export:cli",
+        ]
+    },
     python_requires=">=3.9",
     # torch, torchvision and detectron2 are not listed: Detectron2 is not on PyPI under its own
     # name, and pip must not replace a user's CUDA build of torch. scripts/env.sh installs them.

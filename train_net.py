@@ -38,13 +38,14 @@ import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 
-from cmrcnn_ext.checkpoint import CMRCNNCheckpointer
-from cmrcnn_ext.cli import add_debug_argument, run
-from cmrcnn_ext.determinism import enable_determinism
-from cmrcnn_ext.engine import Trainer, setup
-from cmrcnn_ext.launch import launch
-from cmrcnn_ext.run_report import write_results
-from cmrcnn_ext.runs import check_eval_weights
+from cmrcnn_ext.engine.checkpoint import CMRCNNCheckpointer
+from cmrcnn_ext.engine.cli import add_debug_argument, run
+from cmrcnn_ext.engine.determinism import enable_determinism
+from cmrcnn_ext.engine import Trainer
+from cmrcnn_ext.engine.setup import setup
+from cmrcnn_ext.engine.launch import launch
+from cmrcnn_ext.engine.report import write_results
+from cmrcnn_ext.engine.runs import check_eval_weights
 
 
 def add_data_arguments(parser):

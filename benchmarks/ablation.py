@@ -29,9 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from cmrcnn_ext.demo import DEMO_CONFIG  # noqa: E402
+from cmrcnn_ext.apps.demo import DEMO_CONFIG  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
-from cmrcnn_ext.engine import Trainer, setup_cfg  # noqa: E402
+from cmrcnn_ext.config import setup_cfg
+from cmrcnn_ext.engine import Trainer  # noqa: E402
 
 VARIANTS = [
     # name, config overrides, extra test-time modes {label: TEST_MASK_MERGE}

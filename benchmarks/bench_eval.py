@@ -3,7 +3,7 @@
 FastCOCOEvaluator (faster-coco-eval), same process, same data; checks that both give the same
 12 COCO stats and per-category AP (bbox and segm) to 4 decimals.
 
-The data set is synthetic (cmrcnn_ext.data.synthetic_results): >= 500 images with RLE and
+The data set is synthetic (synthetic_results): >= 500 images with RLE and
 polygon masks, iscrowd regions, empty images, duplicates, false positives and score ties.
 Predictions go through Detectron2's ``process()`` once (mask RLE encoding; the same code for
 both evaluators, timed separately); then ``evaluate()`` of each evaluator is timed on copies of
@@ -27,9 +27,11 @@ import time
 
 import numpy as np
 
-from cmrcnn_ext.data.synthetic_results import iter_model_outputs, make_coco_eval_set, register_eval_set
-from cmrcnn_ext import evaluation as cmrcnn_evaluation
-from cmrcnn_ext.evaluation import FastCOCOEvaluator
+# the evaluation set (ground truth + predictions) shared with tests/test_evaluation.py
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures"))
+from synthetic_results import iter_model_outputs, make_coco_eval_set, register_eval_set  # noqa: E402
+from cmrcnn_ext.evaluation import coco as cmrcnn_evaluation
+from cmrcnn_ext.evaluation.coco import FastCOCOEvaluator
 from detectron2.evaluation import COCOEvaluator
 from detectron2.evaluation import coco_evaluation as d2_coco_evaluation
 

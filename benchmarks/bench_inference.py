@@ -573,14 +573,15 @@ def print_inference(res, title, device):
 
 
 def print_exported(models, images, warmup, iters):
-    """Latency of model (b) exported with ``python -m cmrcnn_ext.export`` (TorchScript, and ONNX
+    """Latency of model (b) exported with ``cmrcnn-export`` (TorchScript, and ONNX
     run by onnxruntime when it is installed), against eager (a) timed the same way (single-image
     calls, median), and whether each export gives (b)'s eager outputs (1e-4, all images)."""
     import tempfile
 
+    from exported import benchmark_exported
+
     from cmrcnn_ext.export import (
-        ExportableCascadeMaskRCNN, benchmark_exported, compare_outputs, export_onnx,
-        export_torchscript,
+        ExportableCascadeMaskRCNN, compare_outputs, export_onnx, export_torchscript,
     )  # fmt: skip
 
     imgs = [infer_inputs(item)[0]["image"] for item in images]

@@ -36,7 +36,7 @@ def allow_cpu_ddp():
     work with single-device/multiple-device GPU modules"). ``DefaultTrainer.__init__`` calls it
     through the module global ``detectron2.engine.defaults.create_ddp_model``: this replaces that
     global with a wrapper that passes ``device_ids=None`` for a CPU model and changes nothing
-    otherwise. Called by ``cmrcnn_ext.launch`` in every distributed worker; idempotent.
+    otherwise. Called by ``cmrcnn_ext.engine.launch`` in every distributed worker; idempotent.
     """
     from detectron2.engine import defaults
 

@@ -2,7 +2,7 @@
 
 Each names the problem and its fix in its message (bad config values, data files, checkpoints,
 command-line arguments). Command-line entry points print that message alone and exit with
-code 2 (:func:`cmrcnn_ext.cli.run`); ``--debug`` (or ``CMRCNN_DEBUG=1``) shows the traceback.
+code 2 (:func:`cmrcnn_ext.engine.cli.run`); ``--debug`` (or ``CMRCNN_DEBUG=1``) shows the traceback.
 """
 
 __all__ = ["UserError"]

@@ -15,7 +15,7 @@ Every command's ``--config-file`` accepts such a name as well as a path
 import os
 from typing import List
 
-from .errors import UserError
+from cmrcnn_ext.errors import UserError
 
 __all__ = [
     "CONFIG_DIR",
@@ -93,7 +93,7 @@ def get_config(name: str):
         from detectron2.config import LazyConfig
 
         return LazyConfig.load(path)
-    from .config import add_cmrcnn_config
+    from cmrcnn_ext.config.defaults import add_cmrcnn_config
     from detectron2.config import get_cfg
 
     cfg = add_cmrcnn_config(get_cfg())

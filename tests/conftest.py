@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs and synthetic batches, all on the CPU and seeded."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ import cmrcnn_ext
 from detectron2.structures import BitMasks, Boxes, Instances
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# fixtures shared with the benchmarks (e.g. synthetic_results: an evaluation set with predictions)
+sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
 CONFIGS = cmrcnn_ext.model_zoo.CONFIG_DIR
 DEMO_CONFIG = os.path.join(CONFIGS, "cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml")
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import cmrcnn_ext.box_inference as bi
-from cmrcnn_ext.box_inference import fast_rcnn_inference_prefix, prefix_batched_nms
+import cmrcnn_ext.modeling.box_inference as bi
+from cmrcnn_ext.modeling.box_inference import fast_rcnn_inference_prefix, prefix_batched_nms
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 
 

@@ -15,13 +15,13 @@ from conftest import tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from cmrcnn_ext.checkpoint import (
+from cmrcnn_ext.engine.checkpoint import (
     CheckpointError,
     CMRCNNCheckpointer,
     convert_torchvision_resnet,
     is_torchvision_resnet,
 )
-from cmrcnn_ext.checkpoint import main as checkpoint_main
+from cmrcnn_ext.engine.checkpoint import main as checkpoint_main
 
 # Detectron2's built-in cascade, as in its model zoo's Misc/cascade_mask_rcnn_R_50_FPN_*
 BUILTIN = ("MODEL.ROI_HEADS.NAME", "CascadeROIHeads", "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead")
@@ -183,7 +183,7 @@ def test_convert_torchvision_command_line(tmp_path, capsys):
     tv_state = _torchvision_resnet(18).state_dict()
     torch.save({"module." + k: v for k, v in tv_state.items()}, tmp_path / "r18.pth")  # DDP-saved
     out = tmp_path / "out" / "r18_d2.pkl"
-    # python -m cmrcnn_ext.checkpoint convert-torchvision IN OUT (in-process: saves a start-up)
+    # python -m cmrcnn_ext.engine.checkpoint convert-torchvision IN OUT (in-process: saves a start-up)
     assert checkpoint_main(["convert-torchvision", str(tmp_path / "r18.pth"), str(out)]) == 0
     assert "STRIDE_IN_1X1 False" in capsys.readouterr().out
     with open(out, "rb") as f:

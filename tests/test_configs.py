@@ -106,7 +106,7 @@ def test_default_predictor_returns_instances():
         "import detectron2.modeling as m; import cmrcnn_ext",
         "import cmrcnn_ext; import detectron2.modeling as m",
         "from detectron2.modeling import build_model; from detectron2.modeling import "
-        "ROI_HEADS_REGISTRY; import cmrcnn_ext.roi_heads; import detectron2.modeling as m",
+        "ROI_HEADS_REGISTRY; import cmrcnn_ext.modeling.roi_heads; import detectron2.modeling as m",
     ],
 )
 def test_registration_whatever_was_imported_first(code):

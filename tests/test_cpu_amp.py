@@ -59,14 +59,16 @@ def test_cpu_amp_builds_no_cuda_grad_scaler(tmp_path, monkeypatch):
     when SOLVER.AMP.ENABLED; cmrcnn_ext's Trainer must not let it on the CPU."""
     import warnings
 
-    from cmrcnn_ext.engine import CPUAutocastTrainer, Trainer, setup_cfg
+    from cmrcnn_ext.config import setup_cfg
+    from cmrcnn_ext.engine import CPUAutocastTrainer, Trainer
+    from cmrcnn_ext.engine.setup import command_line_opts
 
     monkeypatch.setenv("CMRCNN_EXT_CACHE_DIR", str(tmp_path / "cache"))
     make_data(tmp_path / "data", num_val=0)
     train_net = load_train_net()
     args = train_net.get_parser().parse_args(
         train_argv(tmp_path / "data", tmp_path / "out", ["SOLVER.AMP.ENABLED", True], val=False))
-    cfg = setup_cfg(args.config_file, args.opts, args)
+    cfg = setup_cfg(args.config_file, command_line_opts(args))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = Trainer(cfg)

@@ -12,7 +12,7 @@ import torch
 from torchvision.ops import roi_align
 
 from cmrcnn_ext.export import ExportableCascadeMaskRCNN, compare_outputs, trace
-from cmrcnn_ext.layers import roi_align_gather
+from cmrcnn_ext.modeling.roi_align import roi_align_gather
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 

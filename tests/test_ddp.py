@@ -90,7 +90,7 @@ def _dump_after_train(dump_dir):
     """Make Trainer.train save this process's weights and process-group facts."""
     import torch.distributed as dist
 
-    from cmrcnn_ext.engine import Trainer
+    from cmrcnn_ext.engine.trainer import Trainer
     from detectron2.utils import comm
 
     original = Trainer.train
@@ -137,7 +137,7 @@ def _per_image_mean_forward(model):
 
 def _single_process(root, out, per_image_mean):
     train_net = load_train_net()
-    from cmrcnn_ext.engine import Trainer
+    from cmrcnn_ext.engine.trainer import Trainer
 
     class Reference(Trainer):
         @classmethod
@@ -172,8 +172,8 @@ def _predictions(out):
 
 @pytest.fixture(scope="module")
 def runs(setup_dir):
-    """One 2-process run (cmrcnn_ext.launch, gloo) and the single-process runs to compare."""
-    from cmrcnn_ext.launch import launch
+    """One 2-process run (cmrcnn_ext.engine.launch, gloo) and the single-process runs to compare."""
+    from cmrcnn_ext.engine.launch import launch
 
     root = setup_dir
     timings = {}
@@ -265,7 +265,7 @@ def test_launch_under_torchrun_environment_joins_its_process_group(monkeypatch):
     group from the environment itself, ignores --num-gpus, sets up the local group."""
     import torch.distributed as dist
 
-    from cmrcnn_ext import launch as launch_mod
+    from cmrcnn_ext.engine import launch as launch_mod
     from detectron2.utils import comm
 
     port = str(launch_mod._find_free_port())

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cmrcnn_ext.demo import draw_predictions
+from cmrcnn_ext.apps.demo import draw_predictions
 from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
 
@@ -40,7 +40,7 @@ def test_demo_seeds_every_rng_from_cfg_seed(monkeypatch, tmp_path):
     model and draw the training images from the same random state; SEED < 0 draws anew."""
     import pytest
 
-    import cmrcnn_ext.demo as demo
+    import cmrcnn_ext.apps.demo as demo
 
     class Stop(Exception):
         pass

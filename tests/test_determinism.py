@@ -65,7 +65,7 @@ def test_same_seed_gives_identical_losses(tmp_path, monkeypatch, restore_torch_f
 
 
 def test_deterministic_needs_a_fixed_seed(tmp_path, restore_torch_flags):
-    from cmrcnn_ext.determinism import enable_determinism
+    from cmrcnn_ext.engine.determinism import enable_determinism
     from conftest import tiny_cfg
 
     with pytest.raises(ValueError, match="SEED is -1"):

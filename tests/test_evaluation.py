@@ -1,6 +1,6 @@
 """FastCOCOEvaluator (faster-coco-eval) == Detectron2's COCOEvaluator with pycocotools.
 
-The ground truth and predictions are synthetic (cmrcnn_ext.data.synthetic_results): RLE and
+The ground truth and predictions are synthetic (synthetic_results): RLE and
 polygon masks, iscrowd regions, images without annotations, non-contiguous category ids,
 duplicates, false positives and score ties. benchmarks/bench_eval.py shows the same on 500+
 images with timings.
@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 import cmrcnn_ext
-from cmrcnn_ext.data.synthetic_results import (
+from synthetic_results import (
     CATEGORIES,
     iter_model_outputs,
     make_coco_eval_set,
     register_eval_set,
 )
-from cmrcnn_ext.engine import Trainer
-from cmrcnn_ext.evaluation import FastCOCOEvaluator, build_coco_evaluator
+from cmrcnn_ext.engine.trainer import Trainer
+from cmrcnn_ext.evaluation.coco import FastCOCOEvaluator, build_coco_evaluator
 from detectron2.evaluation import COCOEvaluator
 from detectron2.evaluation import coco_evaluation as d2_coco_evaluation
 
@@ -167,7 +167,7 @@ def test_bulk_result_loading_equals_load_res(eval_set):
     annotations, with the same value types, as faster-coco-eval's ``loadRes``."""
     import faster_coco_eval as fce
 
-    from cmrcnn_ext.evaluation import _load_results
+    from cmrcnn_ext.evaluation.coco import _load_results
 
     dataset_ids = [c for c, _ in CATEGORIES]  # contiguous id -> the JSON's category id
     results = [dict(r, category_id=dataset_ids[r["category_id"]])

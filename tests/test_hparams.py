@@ -1,4 +1,4 @@
-"""cmrcnn_ext.hparams: the documented defaults are the configs' values; table and README."""
+"""cmrcnn_ext.config.hparams: the documented defaults are the configs' values; table and README."""
 import os
 import subprocess
 import sys
@@ -6,8 +6,8 @@ import sys
 import pytest
 
 import cmrcnn_ext
-from cmrcnn_ext import hparams
-from cmrcnn_ext.hparams import HPARAMS, cfg_value, format_value, plain_value
+from cmrcnn_ext.config import hparams
+from cmrcnn_ext.config.hparams import HPARAMS, cfg_value, format_value, plain_value
 
 from conftest import ROOT
 
@@ -95,7 +95,7 @@ def test_detectron2_column():
 
 def test_markdown_cli_lists_every_key_with_default_and_allowed():
     r = subprocess.run(
-        [sys.executable, "-m", "cmrcnn_ext.hparams", "--markdown"],
+        [sys.executable, "-m", "cmrcnn_ext.config.hparams", "--markdown"],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -249,7 +249,7 @@ def test_bbox_reg_weights_reach_each_stage():
 
 
 def _one_step(cfg, model, batch):
-    from cmrcnn_ext.engine import Trainer
+    from cmrcnn_ext.engine.trainer import Trainer
 
     opt = Trainer.build_optimizer(cfg, model)
     with EventStorage(0):

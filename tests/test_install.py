@@ -75,17 +75,18 @@ def test_wheel_installs_the_package_with_its_configs(installed):
 def test_demo_predict_export_run_from_another_folder(installed):
     python, env, work = installed
     out = work / "demo"
-    text = _run([python, "-m", "cmrcnn_ext.demo", "--output", str(out), "--num-vis", "1"] + QUICK,
+    text = _run([python, "-m", "cmrcnn_ext.apps.demo", "--output", str(out), "--num-vis", "1"] + QUICK,
                 cwd=str(work), env=env)  # fmt: skip
     assert "box AP" in text
     for name in ("results.json", "training_curves.png", "model_final.pth"):
         assert (out / name).is_file(), name
     image = sorted(glob.glob(os.path.join(env["CMRCNN_DATA"], "val", "*.png")))[0]
-    _run([python, "-m", "cmrcnn_ext.predict", "--config-file", DEMO, "--weights",
+    _run([python, "-m", "cmrcnn_ext.apps.predict", "--config-file", DEMO, "--weights",
           str(out / "model_final.pth"), "--input", image, "--output", str(work / "pred")] + QUICK,
          cwd=str(work), env=env)  # fmt: skip
     assert (work / "pred" / "coco_results.json").is_file()
-    _run([python, "-m", "cmrcnn_ext.export", "--config-file", DEMO, "--weights",
+    export = os.path.join(os.path.dirname(python), "cmrcnn-export")  # the console script
+    _run([export, "--config-file", DEMO, "--weights",
           str(out / "model_final.pth"), "--output", str(work / "model.ts")] + QUICK,
          cwd=str(work), env=env)  # fmt: skip
     assert (work / "model.ts").is_file()

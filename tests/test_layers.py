@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-from cmrcnn_ext.layers import FastROIAlign, roi_align_gather
+from cmrcnn_ext.modeling.roi_align import FastROIAlign, roi_align_gather
 
 
 def make_rois(n_images, h, w, scale, count, seed):
@@ -83,7 +83,7 @@ def test_feature_table_shared_without_autograd_and_refreshed():
     feature map, and never cached when autograd records."""
     import gc
 
-    from cmrcnn_ext import layers
+    from cmrcnn_ext.modeling import roi_align as layers
 
     feat = torch.randn(1, 6, 9, 11)
     rois = torch.tensor([[0.0, 2.0, 3.0, 30.0, 25.0], [0.0, 0.0, 0.0, 40.0, 35.0]])
@@ -109,7 +109,7 @@ def test_feature_table_shared_without_autograd_and_refreshed():
 
 
 def test_adaptive_grid_uses_the_gather_in_inference_only(monkeypatch):
-    from cmrcnn_ext import layers
+    from cmrcnn_ext.modeling import roi_align as layers
 
     calls = []
     original = layers.roi_align_gather

@@ -130,8 +130,8 @@ def test_lazy_config_equals_yaml_config(lazy_name, yaml_name):
     from detectron2.modeling import build_model
     from detectron2.solver import build_lr_scheduler
 
-    from cmrcnn_ext.engine import Trainer
-    from cmrcnn_ext.evaluation import FastCOCOEvaluator
+    from cmrcnn_ext.engine.trainer import Trainer
+    from cmrcnn_ext.evaluation.coco import FastCOCOEvaluator
 
     lazy, ycfg = _load(lazy_name), _yaml(yaml_name)
     lazy_model, yaml_model = instantiate(lazy.model), build_model(ycfg)

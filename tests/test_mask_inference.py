@@ -83,7 +83,7 @@ def test_whole_model_same_masks_as_without_sharing():
     torch.manual_seed(1)
     model = build_model(cfg).eval()
     batch = make_batch(num_images=2, seed=3, with_gt=False)
-    import cmrcnn_ext.roi_heads as rh
+    import cmrcnn_ext.modeling.roi_heads as rh
 
     with torch.no_grad():
         fast = model(batch)
@@ -104,8 +104,8 @@ def test_whole_model_same_masks_as_without_sharing():
 
 
 def test_head_with_own_forward_keeps_its_path():
-    from cmrcnn_ext.mask_head import CMRCNNConvUpsampleHead
-    from cmrcnn_ext.roi_heads import _shares_mask_rows
+    from cmrcnn_ext.modeling.mask_head import CMRCNNConvUpsampleHead
+    from cmrcnn_ext.modeling.roi_heads import _shares_mask_rows
 
     class Custom(CMRCNNConvUpsampleHead):
         def forward(self, x, instances):

@@ -21,7 +21,7 @@ def _args(train_net, data, out, opts):
 
 def _assert_last_checkpoint_is(out, name, iteration):
     """``last_checkpoint`` names ``name``, which loads, holds finite weights and ``iteration``."""
-    from cmrcnn_ext.engine import setup_cfg
+    from cmrcnn_ext.config import setup_cfg
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
@@ -37,7 +37,7 @@ def _assert_last_checkpoint_is(out, name, iteration):
 
 def test_nan_loss_stops_at_its_iteration_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
     """NaN / inf loss terms at iteration 2; a checkpoint after every iteration."""
-    from cmrcnn_ext.nonfinite import NonFiniteLossError
+    from cmrcnn_ext.engine.nonfinite import NonFiniteLossError
     from detectron2.modeling import GeneralizedRCNN
     from detectron2.utils.events import get_event_storage
 
@@ -74,7 +74,7 @@ def test_nan_loss_stops_at_its_iteration_and_keeps_the_last_checkpoint(data, tmp
 def test_nan_gradient_with_finite_losses_stops_before_saving_weights(data, tmp_path, monkeypatch):
     """At iteration 1 a loss term gets + sqrt(|0|): its value is 0, its gradient NaN, so the
     optimizer step turns weights into NaN although every loss is finite."""
-    from cmrcnn_ext.nonfinite import NonFiniteWeightsError
+    from cmrcnn_ext.engine.nonfinite import NonFiniteWeightsError
     from detectron2.modeling import GeneralizedRCNN
     from detectron2.utils.events import get_event_storage
 
@@ -107,7 +107,7 @@ def test_nan_gradient_with_finite_losses_stops_before_saving_weights(data, tmp_p
 
 def _nan_on_rank1_worker(argv, out_dir):
     """Spawned worker: loss_mask is NaN on rank 1 only, at iteration 1; saves what it raised."""
-    from cmrcnn_ext.nonfinite import NonFiniteLossError
+    from cmrcnn_ext.engine.nonfinite import NonFiniteLossError
     from detectron2.modeling import GeneralizedRCNN
     from detectron2.utils import comm
     from detectron2.utils.events import get_event_storage
@@ -136,7 +136,7 @@ def test_nan_on_one_rank_stops_every_rank(data, tmp_path):
     """2 CPU processes: a NaN on rank 1 alone stops both at the same iteration, no hang."""
     from datetime import timedelta
 
-    from cmrcnn_ext.launch import launch
+    from cmrcnn_ext.engine.launch import launch
 
     out = tmp_path / "out"
     argv = train_argv(data, out, ["SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 1], val=False)
@@ -155,7 +155,7 @@ def test_weight_check_sum_overflow_is_not_reported_and_inf_is():
     weights are finite is re-checked element-wise and passes; one inf weight is reported."""
     from types import SimpleNamespace
 
-    from cmrcnn_ext.nonfinite import NonFiniteLossGuard, NonFiniteWeightsError, _sum_all
+    from cmrcnn_ext.engine.nonfinite import NonFiniteLossGuard, NonFiniteWeightsError, _sum_all
 
     model = torch.nn.Linear(4, 4)
     with torch.no_grad():

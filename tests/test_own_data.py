@@ -159,8 +159,8 @@ def test_validation_with_other_ids_is_matched_by_name(tmp_path, caplog):
     predictions in the training class order score AP 100."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from cmrcnn_ext.engine import setup_cfg
-    from cmrcnn_ext.evaluation import FastCOCOEvaluator
+    from cmrcnn_ext.config import setup_cfg
+    from cmrcnn_ext.evaluation.coco import FastCOCOEvaluator
 
     train = make_polygons(tmp_path, n=3)
     val = make_polygons(tmp_path, n=2, seed=1)
@@ -204,7 +204,7 @@ def _perfect_ap(json_file, root, name):
     from detectron2.structures import Boxes, Instances
 
     from cmrcnn_ext.data.coco import register_coco_dataset
-    from cmrcnn_ext.evaluation import FastCOCOEvaluator
+    from cmrcnn_ext.evaluation.coco import FastCOCOEvaluator
 
     register_coco_dataset(name, json_file, root)
     ev = FastCOCOEvaluator(name, tasks=("bbox", "segm"), distributed=False)
@@ -302,7 +302,7 @@ def test_other_exporters_habits(tmp_path):
 
 
 def test_box_only_data_with_masks_on_is_an_error(tmp_path):
-    from cmrcnn_ext.engine import setup_cfg
+    from cmrcnn_ext.config import setup_cfg
 
     data = make_polygons(tmp_path, n=2)
     for ann in data["annotations"]:
@@ -317,7 +317,7 @@ def test_box_only_data_with_masks_on_is_an_error(tmp_path):
 
 
 def test_class_without_training_instances_is_reported(tmp_path, caplog):
-    from cmrcnn_ext.engine import setup_cfg
+    from cmrcnn_ext.config import setup_cfg
 
     train = make_polygons(tmp_path, n=2)
     train["annotations"] = [a for a in train["annotations"] if a["category_id"] == 1]
@@ -329,7 +329,7 @@ def test_class_without_training_instances_is_reported(tmp_path, caplog):
                             "DATASETS.CMRCNN.VAL_IMAGE_ROOT", root, "MODEL.ROI_HEADS.NUM_CLASSES", 0])  # fmt: skip
     assert "class 'triangle' has 2 validation instances but none to train on" in caplog.text
     assert "instances per class: square: 2, triangle: 0" in caplog.text
-    from cmrcnn_ext.data.builtin import data_summary
+    from cmrcnn_ext.data.register import data_summary
 
     assert "  warning: class 'triangle' has 2 validation instances" in data_summary(cfg)
 
@@ -380,7 +380,7 @@ def test_run_writes_results_curves_and_the_data_summary(run):
 
 
 def test_eval_only_needs_trained_weights(run, monkeypatch):
-    from cmrcnn_ext.runs import UntrainedEvaluationError
+    from cmrcnn_ext.engine.runs import UntrainedEvaluationError
 
     base = train_args(run["train"], run["tmp"] / "images", run["tmp"] / "eval", run["val"], run["tmp"] / "val")
     for weights, match in (("", "MODEL.WEIGHTS is empty"),
@@ -390,7 +390,7 @@ def test_eval_only_needs_trained_weights(run, monkeypatch):
 
 
 def test_eval_only_of_the_run_and_untrained_on_request(run):
-    from cmrcnn_ext.checkpoint import CheckpointError
+    from cmrcnn_ext.engine.checkpoint import CheckpointError
 
     train_net = load_train_net()
     base = train_args(run["train"], run["tmp"] / "images", run["tmp"] / "eval", run["val"], run["tmp"] / "val")
@@ -403,7 +403,7 @@ def test_eval_only_of_the_run_and_untrained_on_request(run):
     torch.manual_seed(0)
     from detectron2.modeling import build_model
 
-    from cmrcnn_ext.engine import setup_cfg
+    from cmrcnn_ext.config import setup_cfg
 
     five = str(run["tmp"] / "five_classes.pth")
     torch.save({"model": build_model(setup_cfg(DEMO_CONFIG, [str(x) for x in SMALL_OPTS[:8]] + [
@@ -420,7 +420,7 @@ def test_predict_with_the_run_folder(run, tmp_path):
     and classes; the packaged demo config (5 classes) is refused; no data set is generated."""
     image = sorted((run["tmp"] / "val").glob("*.png"))[0]
     env = {"CMRCNN_DATA": str(tmp_path / "no_data_here")}
-    proc = run_cli(["-m", "cmrcnn_ext.predict", "--run", str(run["out"]), "--input", str(image),
+    proc = run_cli(["-m", "cmrcnn_ext.apps.predict", "--run", str(run["out"]), "--input", str(image),
                     "--output", str(tmp_path / "pred"), "--score-thresh", "0"], cwd=str(tmp_path), env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "pred" / "coco_results.json") as f:
@@ -428,7 +428,7 @@ def test_predict_with_the_run_folder(run, tmp_path):
     assert results and {r["category_id"] for r in results} <= {1, 2}
     assert not os.path.exists(tmp_path / "no_data_here") and not os.path.exists(tmp_path / "datasets")
     # the demo config with this checkpoint: one clear error, no traceback
-    proc = run_cli(["-m", "cmrcnn_ext.predict", "--config-file", os.path.basename(DEMO_CONFIG),
+    proc = run_cli(["-m", "cmrcnn_ext.apps.predict", "--config-file", os.path.basename(DEMO_CONFIG),
                     "--weights", str(run["out"] / "model_final.pth"), "--input", str(image),
                     "--output", str(tmp_path / "pred2")], cwd=str(tmp_path), env=env)  # fmt: skip
     assert proc.returncode == 2
@@ -438,7 +438,7 @@ def test_predict_with_the_run_folder(run, tmp_path):
 
 
 def test_class_names_come_with_the_model(run):
-    from cmrcnn_ext.runs import class_names, inference_config
+    from cmrcnn_ext.engine.runs import class_names, inference_config
 
     cfg = inference_config(run=str(run["out"]))
     assert class_names(cfg) == ["square", "triangle"]

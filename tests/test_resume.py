@@ -182,7 +182,7 @@ def test_resumable_loader_continues_detectron2s_data_stream(grouping, workers):
     import itertools
 
     import cmrcnn_ext
-    from cmrcnn_ext.resume import build_resumable_train_loader
+    from cmrcnn_ext.engine.resume import build_resumable_train_loader
     from detectron2.data import build_detection_train_loader
     from detectron2.utils.events import EventStorage
 
@@ -216,7 +216,7 @@ def test_images_waiting_in_a_group_are_mapped_again_without_shifting_the_rng_str
     import itertools
 
     import cmrcnn_ext
-    from cmrcnn_ext.resume import build_resumable_train_loader
+    from cmrcnn_ext.engine.resume import build_resumable_train_loader
 
     def noisy(d):  # an "augmentation" drawing from numpy's global RNG
         return dict(d, r=float(np.random.rand()))
@@ -252,7 +252,7 @@ def test_images_waiting_in_a_group_are_mapped_again_without_shifting_the_rng_str
 def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
     import random
 
-    from cmrcnn_ext.resume import get_rng_state, set_rng_state
+    from cmrcnn_ext.engine.resume import get_rng_state, set_rng_state
 
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
     np.random.normal()  # a cached gaussian in numpy's state
@@ -267,7 +267,7 @@ def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
 def test_rng_hook_hides_what_runs_between_steps_and_restores_on_resume():
     import random
 
-    from cmrcnn_ext.resume import RNGStateHook
+    from cmrcnn_ext.engine.resume import RNGStateHook
 
     def draw():
         return torch.rand(2).tolist() + [float(np.random.rand()), random.random()]

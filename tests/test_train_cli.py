@@ -95,7 +95,7 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 def test_predict_cli_writes_overlays_and_coco_results(tmp_path):
     import cmrcnn_ext
-    from cmrcnn_ext import predict
+    from cmrcnn_ext.apps import predict
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
@@ -137,7 +137,7 @@ def test_predict_cli_writes_overlays_and_coco_results(tmp_path):
 
 @pytest.mark.parametrize("where", ["file", "command line"])
 def test_unknown_config_key_names_it_and_suggests(tmp_path, where):
-    from cmrcnn_ext.engine import setup_cfg
+    from cmrcnn_ext.config import setup_cfg
 
     if where == "file":
         path = tmp_path / "bad.yaml"

@@ -1,12 +1,12 @@
-"""cmrcnn_ext.validate: every rule names its key; all problems are reported at once."""
+"""cmrcnn_ext.config.validate: every rule names its key; all problems are reported at once."""
 import glob
 import os
 
 import pytest
 
 import cmrcnn_ext
-from cmrcnn_ext.hparams import get_hparam
-from cmrcnn_ext.validate import ConfigError, config_problems, validate_config
+from cmrcnn_ext.config.hparams import get_hparam
+from cmrcnn_ext.config.validate import ConfigError, config_problems, validate_config
 
 from conftest import CONFIGS
 

@@ -20,9 +20,11 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 from reliability_helpers import SMALL_OPTS, make_data
 
-from cmrcnn_ext import export, predict
-from cmrcnn_ext.checkpoint import CheckpointError, CMRCNNCheckpointer
-from cmrcnn_ext.engine import Trainer, setup_cfg
+from cmrcnn_ext import export
+from cmrcnn_ext.apps import predict
+from cmrcnn_ext.engine.checkpoint import CheckpointError, CMRCNNCheckpointer
+from cmrcnn_ext.config import setup_cfg
+from cmrcnn_ext.engine import Trainer
 
 BUILTIN = ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads", "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"]
 MODES = {

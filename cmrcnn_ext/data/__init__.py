@@ -1,4 +1,4 @@
 """Datasets for cmrcnn_ext: the synthetic shapes set and users' COCO-format files."""
-from .builtin import register_project_datasets
+from cmrcnn_ext.data.register import register_project_datasets
 
 __all__ = ["register_project_datasets"]

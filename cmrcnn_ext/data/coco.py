@@ -21,7 +21,7 @@ import tempfile
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 
-from .coco_check import CocoDataError, ValidationReport, categories_of, check_coco
+from cmrcnn_ext.data.coco_check import CocoDataError, ValidationReport, categories_of, check_coco
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import UserError
-from .coco_items import check_annotation, locate_image, probe_image
+from cmrcnn_ext.errors import UserError
+from cmrcnn_ext.data.coco_items import check_annotation, locate_image, probe_image
 
 __all__ = ["CocoDataError", "ValidationReport", "check_coco", "read_coco_json"]
 

@@ -10,7 +10,7 @@ Detectron2's lazy-config loop (the path is ``cmrcnn_ext.model_zoo.get_config_fil
 
 or load it with ``cmrcnn_ext.model_zoo.get_config("lazy/cascade_mask_rcnn_R_50_FPN_1x.py")``.
 
-The cascade settings are keyword arguments of :class:`~cmrcnn_ext.roi_heads.CascadeMaskROIHeads`
+The cascade settings are keyword arguments of :class:`~cmrcnn_ext.modeling.roi_heads.CascadeMaskROIHeads`
 (``MODEL.CMRCNN.*`` of the YAML configs): ``mask_stages``, ``stage_loss_weights``,
 ``test_mask_merge``, ``fast_roi_align``, ``prefix_nms``. For ``mask_stages="all"`` give one mask
 head per stage in a ``torch.nn.ModuleList``::
@@ -24,14 +24,14 @@ head per stage in a ``torch.nn.ModuleList``::
     model.roi_heads.mask_head = L(torch.nn.ModuleList)(modules=[head, head, head])
 """
 # This file lives outside Detectron2's config tree, so Detectron2's common pieces cannot be
-# imported relatively (``from ..common.models... import model``); detectron2.model_zoo loads them.
+# imported relatively (``from cmrcnn_ext.configs.common.models... import model``); detectron2.model_zoo loads them.
 from detectron2.model_zoo import get_config
 
 # Absolute imports: lazyconfig_train_net.py imports only detectron2. Importing cmrcnn_ext also
 # registers its heads in Detectron2's registries.
-from cmrcnn_ext.evaluation import FastCOCOEvaluator
-from cmrcnn_ext.mask_head import CMRCNNConvUpsampleHead
-from cmrcnn_ext.roi_heads import CascadeMaskROIHeads
+from cmrcnn_ext.evaluation.coco import FastCOCOEvaluator
+from cmrcnn_ext.modeling.mask_head import CMRCNNConvUpsampleHead
+from cmrcnn_ext.modeling.roi_heads import CascadeMaskROIHeads
 
 # Detectron2's lazy Cascade R-CNN: its mask_rcnn_fpn R50-FPN model (BGR, FrozenBN, ROIAlignV2
 # poolers, 4-conv mask head) with three cascade stages (IoU 0.5 / 0.6 / 0.7, box regression

@@ -5,7 +5,7 @@ The Python-config twin of ``cascade_mask_rcnn_R_50_FPN_3x.yaml``: the 1x LazyCon
 with the LR divided by 10 at 210k and 250k (Detectron2's ``lr_multiplier_3x``).
 """
 # A relative import of a config file next to this one: LazyConfig.load resolves it.
-from .cascade_mask_rcnn_R_50_FPN_1x import dataloader, model, optimizer, train  # noqa: F401
+from cmrcnn_ext.configs.lazy.cascade_mask_rcnn_R_50_FPN_1x import dataloader, model, optimizer, train  # noqa: F401
 
 from detectron2.model_zoo import get_config
 

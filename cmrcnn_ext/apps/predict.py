@@ -1,7 +1,7 @@
 """Predict on images with a trained checkpoint: overlay PNGs and a COCO results JSON.
 
-    python -m cmrcnn_ext.predict --run output/mydata --input "photos/*.jpg" --output predictions
-    python -m cmrcnn_ext.predict --config-file cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml \\
+    python -m cmrcnn_ext.apps.predict --run output/mydata --input "photos/*.jpg" --output predictions
+    python -m cmrcnn_ext.apps.predict --config-file cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml \\
         --weights output/demo/model_final.pth --input "photos/*.jpg" --output predictions
 
 ``--run`` takes a training run's ``OUTPUT_DIR``: the model's config (``config.yaml``, with its
@@ -23,11 +23,11 @@ import os
 
 from PIL import Image
 
-from .cli import add_debug_argument, run
-from .errors import UserError
+from cmrcnn_ext.engine.cli import add_debug_argument, run
+from cmrcnn_ext.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-logger = logging.getLogger("cmrcnn_ext.predict")
+logger = logging.getLogger("cmrcnn_ext.apps.predict")
 
 
 class InputNotFoundError(UserError, FileNotFoundError):
@@ -71,12 +71,12 @@ def instances_to_coco(instances, image_id, category_ids):
 
 def build_predictor(cfg):
     """Detectron2's ``DefaultPredictor`` for ``cfg`` whose ``MODEL.WEIGHTS`` are loaded by
-    :class:`~cmrcnn_ext.checkpoint.CMRCNNCheckpointer` for inference (the loader of
+    :class:`~cmrcnn_ext.engine.checkpoint.CMRCNNCheckpointer` for inference (the loader of
     ``train_net.py``: every checkpoint layout, clear errors, ``weights_only`` reading; a
     checkpoint that does not fit the config is an error)."""
     from detectron2.engine import DefaultPredictor
 
-    from .checkpoint import CMRCNNCheckpointer
+    from cmrcnn_ext.engine.checkpoint import CMRCNNCheckpointer
 
     bare = cfg.clone()
     bare.defrost()
@@ -126,7 +126,7 @@ def main(argv=None):
     from detectron2.utils.logger import setup_logger
     from detectron2.utils.visualizer import ColorMode, Visualizer
 
-    from .runs import class_names, inference_config
+    from cmrcnn_ext.engine.runs import class_names, inference_config
 
     setup_logger(name="cmrcnn_ext")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -170,5 +170,10 @@ def main(argv=None):
     return out_json
 
 
-if __name__ == "__main__":
+def cli():
+    """Console script ``cmrcnn-predict``."""
     run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -5,17 +5,13 @@ import weakref
 
 import torch
 
-from detectron2.engine import DefaultTrainer, SimpleTrainer, default_setup
+from detectron2.engine import DefaultTrainer, SimpleTrainer
 from detectron2.engine import hooks as d2_hooks
 
-from .checkpoint import CMRCNNCheckpointer
-from .config_setup import load_config
-from .data import register_project_datasets
-from .model_zoo import resolve_config_file
-from .nonfinite import NonFiniteLossGuard
-from .resume import RNGStateHook, build_resumable_train_loader
-from .run_report import DataSummaryHook, RunReportHook
-from .validate import ConfigError, validate_config
+from cmrcnn_ext.engine.checkpoint import CMRCNNCheckpointer
+from cmrcnn_ext.engine.nonfinite import NonFiniteLossGuard
+from cmrcnn_ext.engine.report import DataSummaryHook, RunReportHook
+from cmrcnn_ext.engine.resume import RNGStateHook, build_resumable_train_loader
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +52,7 @@ class CPUAutocastTrainer(SimpleTrainer):
 class Trainer(DefaultTrainer):
     """Detectron2's DefaultTrainer with COCO box + mask evaluation.
 
-    Checkpoints go through :class:`~cmrcnn_ext.checkpoint.CMRCNNCheckpointer` (more
+    Checkpoints go through :class:`~cmrcnn_ext.engine.checkpoint.CMRCNNCheckpointer` (more
     ``MODEL.WEIGHTS`` layouts, atomic saves), and ``--resume`` continues exactly where the
     interrupted run stopped: optimizer state, data order and RNG states are restored
     (cmrcnn_ext/resume.py).
@@ -87,7 +83,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        from .evaluation import build_coco_evaluator
+        from cmrcnn_ext.evaluation.coco import build_coco_evaluator
 
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         # TEST.CMRCNN_EVALUATOR: "faster" (faster-coco-eval, default) or "pycocotools"
@@ -131,14 +127,14 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         """Detectron2's hooks, with cmrcnn_ext's around them:
 
-        - first :class:`~cmrcnn_ext.nonfinite.NonFiniteLossGuard` (stops training at the first
+        - first :class:`~cmrcnn_ext.engine.nonfinite.NonFiniteLossGuard` (stops training at the first
           NaN/inf loss term, before the backward pass and before any checkpoint of that
-          iteration, on every process), :class:`~cmrcnn_ext.resume.RNGStateHook` (exact resume)
-          and :class:`~cmrcnn_ext.run_report.DataSummaryHook` (the data check's summary when
+          iteration, on every process), :class:`~cmrcnn_ext.engine.resume.RNGStateHook` (exact resume)
+          and :class:`~cmrcnn_ext.engine.report.DataSummaryHook` (the data check's summary when
           training starts);
         - with ``TEST.AUG.ENABLED``, an evaluation with test-time augmentation after the last
           iteration (:meth:`test_with_TTA`), before the writers, so ``metrics.json`` has it;
-        - last :class:`~cmrcnn_ext.run_report.RunReportHook` (``results.json`` and
+        - last :class:`~cmrcnn_ext.engine.report.RunReportHook` (``results.json`` and
           ``training_curves.png`` in ``OUTPUT_DIR``).
         """
         # DefaultTrainer.__init__ has just created self.checkpointer and builds the hooks next:
@@ -190,7 +186,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """Detectron2's training loader whose data stream continues where a resumed run
-        stopped (see :func:`~cmrcnn_ext.resume.build_resumable_train_loader`)."""
+        stopped (see :func:`~cmrcnn_ext.engine.resume.build_resumable_train_loader`)."""
         return build_resumable_train_loader(cfg)
 
     # Detectron2 v0.6's DefaultTrainer checkpoints only the iteration and the hooks' states: the
@@ -225,56 +221,3 @@ def _adamw_kernel(model):
     except (RuntimeError, TypeError, ValueError):  # older torch: no fused kernel for this device
         return {}
     return {"fused": True}
-
-
-def setup_cfg(config_file, opts=(), args=None, freeze=True, register_data=True):
-    """:func:`~cmrcnn_ext.config_setup.load_config` -> data sets -> validation -> freeze.
-
-    Args:
-        config_file (str): YAML config: a path, or the name of a packaged config
-            (:func:`cmrcnn_ext.model_zoo.get_config_file`).
-        opts (list): trailing ``KEY VALUE`` overrides.
-        args (argparse.Namespace or None): command-line data options (``--train-json`` ...).
-        freeze (bool): freeze the config.
-        register_data (bool): register the data sets the config names (and take the number
-            and names of classes from them). Prediction and export do not: they take the
-            classes from the config (a training run's ``config.yaml``).
-
-    Returns:
-        CfgNode
-    """
-    cfg = load_config(config_file, opts)
-    if register_data:
-        register_project_datasets(cfg, args)
-    elif cfg.MODEL.ROI_HEADS.NUM_CLASSES == 0:
-        raise ConfigError(
-            [
-                "MODEL.ROI_HEADS.NUM_CLASSES = 0 takes the number of classes from the training "
-                "data, which prediction and export do not read. Use the training run's config "
-                "(OUTPUT_DIR/config.yaml, or --run OUTPUT_DIR), or set NUM_CLASSES"
-            ]
-        )
-    validate_config(cfg)
-    if freeze:
-        cfg.freeze()
-    return cfg
-
-
-def setup(args):
-    """``setup(args)`` of train_net.py: the config, cmrcnn_ext's log file, the data sets, then
-    Detectron2's ``default_setup`` (seeds, logging, ``OUTPUT_DIR/config.yaml``)."""
-    from detectron2.utils import comm
-    from detectron2.utils.logger import setup_logger
-
-    # default_setup logs the file's text: give it the path of a packaged config's name
-    args.config_file = resolve_config_file(args.config_file)
-    cfg = load_config(args.config_file, args.opts)
-    # cmrcnn_ext's own log lines (data checks, weights loading) go to OUTPUT_DIR/log.txt from
-    # the start; they keep propagating so that callers' handlers still see them.
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="cmrcnn_ext")
-    logging.getLogger("cmrcnn_ext").propagate = True
-    register_project_datasets(cfg, args)
-    validate_config(cfg)
-    cfg.freeze()
-    default_setup(cfg, args)
-    return cfg

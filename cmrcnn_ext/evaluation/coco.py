@@ -22,7 +22,7 @@ import logging
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.file_io import PathManager
 
-from .compat import coco_ap_function
+from cmrcnn_ext.compat import coco_ap_function
 
 logger = logging.getLogger(__name__)
 

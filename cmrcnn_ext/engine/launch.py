@@ -213,7 +213,7 @@ def _after_init(num_per_machine, local_rank, backend):
         torch.cuda.set_device(local_rank)
     # Detectron2's DefaultTrainer wraps the model with device_ids=[local_rank], which
     # DistributedDataParallel rejects for a model on the CPU.
-    from .compat import allow_cpu_ddp
+    from cmrcnn_ext.compat import allow_cpu_ddp
 
     allow_cpu_ddp()
     create_local_process_group(num_per_machine)

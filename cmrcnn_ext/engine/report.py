@@ -116,7 +116,7 @@ class DataSummaryHook(HookBase):
         self.cfg = cfg
 
     def before_train(self):
-        from .data.builtin import data_summary
+        from cmrcnn_ext.data.register import data_summary
 
         text = data_summary(self.cfg)
         if text:

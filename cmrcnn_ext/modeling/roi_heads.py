@@ -20,9 +20,9 @@ from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
-from .box_inference import fast_rcnn_inference_prefix
-from .config import MASK_STAGES_CHOICES, TEST_MASK_MERGE_CHOICES
-from .layers import use_fast_roi_align
+from cmrcnn_ext.modeling.box_inference import fast_rcnn_inference_prefix
+from cmrcnn_ext.config.defaults import MASK_STAGES_CHOICES, TEST_MASK_MERGE_CHOICES
+from cmrcnn_ext.modeling.roi_align import use_fast_roi_align
 
 _STAGE_SUFFIX = re.compile(r"_stage(\d+)$")
 logger = logging.getLogger(__name__)
@@ -63,10 +63,10 @@ class CascadeMaskROIHeads(CascadeROIHeads):
                 "all", ``mask_head`` must be an ``nn.ModuleList`` with one head per stage.
             stage_loss_weights: one weight >= 0 per stage; default all 1.
             test_mask_merge: "last" or "mean" ("mean" needs ``mask_stages="all"``).
-            fast_roi_align: use :class:`~cmrcnn_ext.layers.FastROIAlign` in the box and mask
+            fast_roi_align: use :class:`~cmrcnn_ext.modeling.roi_align.FastROIAlign` in the box and mask
                 poolers (same numbers as torchvision's ROIAlign to ~1e-6, faster on the CPU).
             prefix_nms: test-time class-wise NMS on the highest-scoring candidates first
-                (:mod:`cmrcnn_ext.box_inference`): Detectron2's detections, found faster when
+                (:mod:`cmrcnn_ext.modeling.box_inference`): Detectron2's detections, found faster when
                 many (box, class) candidates pass the score threshold.
             kwargs: arguments of :class:`CascadeROIHeads`.
         """
@@ -170,7 +170,7 @@ class CascadeMaskROIHeads(CascadeROIHeads):
     def _inference_boxes(self, features, proposals):
         """Test-time boxes as Detectron2's cascade computes them (each stage refines the previous
         stage's boxes; class scores averaged over the stages; the last stage's boxes), with the
-        final NMS of :func:`~cmrcnn_ext.box_inference.fast_rcnn_inference_prefix`."""
+        final NMS of :func:`~cmrcnn_ext.modeling.box_inference.fast_rcnn_inference_prefix`."""
         features = [features[f] for f in self.box_in_features]
         image_sizes = [p.image_size for p in proposals]
         stage_scores, boxes = [], None

@@ -2,9 +2,9 @@
 
 :data:`HPARAMS` is the single source of truth for the hyperparameter documentation (README's
 "Hyperparameters" table is generated from it) and for the value ranges that
-:func:`cmrcnn_ext.validate.validate_config` enforces. Keys are Detectron2's own config keys
+:func:`cmrcnn_ext.config.validate.validate_config` enforces. Keys are Detectron2's own config keys
 wherever Detectron2 has one; only ``MODEL.CMRCNN.*``, ``DATASETS.CMRCNN.*``, ``TEST.CMRCNN_EVALUATOR`` and
-``SOLVER.CMRCNN_*`` are added by cmrcnn_ext (see :mod:`cmrcnn_ext.config`).
+``SOLVER.CMRCNN_*`` are added by cmrcnn_ext (see :mod:`cmrcnn_ext.config.defaults`).
 
 ``default`` is the value in the packaged ``cascade_mask_rcnn_R_50_FPN_reference.yaml`` (the product's
 reference preset); ``detectron2_default`` the value in Detectron2's ``get_cfg()`` (``None`` for
@@ -13,9 +13,9 @@ cmrcnn_ext's own keys); ``detectron2_zoo`` the value in Detectron2's model-zoo c
 
 Command line::
 
-    python -m cmrcnn_ext.hparams                          # aligned table for the terminal
-    python -m cmrcnn_ext.hparams --markdown               # Markdown table
-    python -m cmrcnn_ext.hparams --update-readme README.md
+    python -m cmrcnn_ext.config.hparams                          # aligned table for the terminal
+    python -m cmrcnn_ext.config.hparams --markdown               # Markdown table
+    python -m cmrcnn_ext.config.hparams --update-readme README.md
 """
 import argparse
 import math
@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 README_BEGIN = "<!-- HPARAMS:BEGIN -->"
 README_END = "<!-- HPARAMS:END -->"
-UPDATE_COMMAND = "python -m cmrcnn_ext.hparams --update-readme README.md"
+UPDATE_COMMAND = "python -m cmrcnn_ext.config.hparams --update-readme README.md"
 #: Reference preset whose values are the ``default`` column.
 REFERENCE_CONFIG = "cascade_mask_rcnn_R_50_FPN_reference.yaml"
 #: Detectron2 model-zoo config whose values are the ``detectron2_zoo`` field.
@@ -158,7 +158,7 @@ class HParam:
     Attributes:
         key: full config key, e.g. ``"MODEL.RPN.IOU_THRESHOLDS"``.
         default: value in the reference preset (:data:`REFERENCE_CONFIG`).
-        allowed: allowed values; :func:`cmrcnn_ext.validate.validate_config` enforces them.
+        allowed: allowed values; :func:`cmrcnn_ext.config.validate.validate_config` enforces them.
         meaning: what it does and when to change it.
         detectron2_default: value in Detectron2's ``get_cfg()``; ``None``: cmrcnn_ext's key.
         note: caveats (units, how Detectron2 interprets it).

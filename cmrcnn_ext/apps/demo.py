@@ -1,6 +1,6 @@
 """The CPU demo: generate data, train from scratch, evaluate, plot, draw predictions.
 
-    python -m cmrcnn_ext.demo [--output output/demo] [KEY VALUE ...]
+    python -m cmrcnn_ext.apps.demo [--output output/demo] [KEY VALUE ...]
 
 Writes into the output folder: ``results.json`` (COCO box / mask metrics and timings),
 ``training_curves.png`` (total and per-stage losses, learning rate), ``predictions/*.png``
@@ -23,15 +23,16 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from .cli import add_debug_argument, run
-from .engine import Trainer, setup_cfg
-from .run_report import write_results
+from cmrcnn_ext.engine.cli import add_debug_argument, run
+from cmrcnn_ext.config import setup_cfg
+from cmrcnn_ext.engine import Trainer
+from cmrcnn_ext.engine.report import write_results
 
 DEMO_CONFIG = "cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml"  # packaged (cmrcnn_ext.model_zoo)
 #: Targets of the demo (COCO AP@[.5:.95] on the held-out split, wall time of the whole run).
 TARGETS = {"box_ap": 55.0, "mask_ap": 50.0, "seconds": 600.0}
 
-logger = logging.getLogger("cmrcnn_ext.demo")
+logger = logging.getLogger("cmrcnn_ext.apps.demo")
 
 
 def draw_predictions(cfg, model, dataset_name, out_dir, num_images=6, score_thresh=0.3):
@@ -158,5 +159,10 @@ def main(argv=None):
     return summary
 
 
-if __name__ == "__main__":
+def cli():
+    """Console script ``cmrcnn-demo``."""
     run(main)
+
+
+if __name__ == "__main__":
+    cli()

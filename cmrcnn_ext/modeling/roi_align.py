@@ -10,7 +10,7 @@ computes the sample indices and bilinear weights with the exact rules of torchvi
 scatter-add backward, where torchvision's CPU backward is single-threaded. Results equal
 torchvision's up to float rounding (about 1e-6 relative; tested).
 
-Used by :class:`~cmrcnn_ext.roi_heads.CascadeMaskROIHeads` when ``MODEL.CMRCNN.FAST_ROI_ALIGN``
+Used by :class:`~cmrcnn_ext.modeling.roi_heads.CascadeMaskROIHeads` when ``MODEL.CMRCNN.FAST_ROI_ALIGN``
 is true and the model runs on the CPU: in training and inference with a fixed grid, in inference
 with the adaptive one (``sampling_ratio=0``). Otherwise torchvision's kernel is used (on CUDA it
 is the faster one).

@@ -16,24 +16,12 @@ SYNTHETIC_PREFIX = "cmrcnn_shapes"
 USER_TRAIN, USER_VAL = "user_train", "user_val"
 
 
-def _apply_command_line(cfg, args):
-    data = cfg.DATASETS.CMRCNN
-    for key, attr in [
-        ("TRAIN_JSON", "train_json"),
-        ("TRAIN_IMAGE_ROOT", "train_images"),
-        ("VAL_JSON", "val_json"),
-        ("VAL_IMAGE_ROOT", "val_images"),
-    ]:
-        if getattr(args, attr, None):
-            data[key] = getattr(args, attr)
-
-
 def _class_order_for(val, classes, source, short):
     """How the evaluation file's categories map to the model's ``classes`` (names, in class
     order; from ``source``): ``None`` if they are the file's own order, ``classes`` if only the
     order (ids) differs (matched by name, logged); other names raise. ``short`` names the
     source once more in the message."""
-    from .coco import CocoDataError
+    from cmrcnn_ext.data.coco import CocoDataError
 
     names = val.thing_classes
     if list(names) == list(classes):
@@ -62,7 +50,7 @@ def _class_order_for(val, classes, source, short):
 
 
 def _check_masks(cfg, report, split):
-    from .coco import CocoDataError
+    from cmrcnn_ext.data.coco import CocoDataError
 
     if cfg.MODEL.MASK_ON and not report.has_masks:
         raise CocoDataError(
@@ -76,7 +64,7 @@ def _check_masks(cfg, report, split):
 
 
 def _check_trainable(report):
-    from .coco import CocoDataError
+    from cmrcnn_ext.data.coco import CocoDataError
 
     if sum(report.instances.values()) == 0:
         raise CocoDataError(
@@ -104,7 +92,7 @@ def _class_coverage(train, val):
 
 def _set_class_names(cfg, names, source):
     """MODEL.CMRCNN.CLASS_NAMES and NUM_CLASSES from the data (or check them against it)."""
-    from .coco import CocoDataError
+    from cmrcnn_ext.data.coco import CocoDataError
 
     given = list(cfg.MODEL.CMRCNN.CLASS_NAMES)
     if given and given != list(names):
@@ -132,13 +120,13 @@ def _set_class_names(cfg, names, source):
     cfg.MODEL.CMRCNN.CLASS_NAMES = list(names)
 
 
-def register_project_datasets(cfg, args=None):
+def register_project_datasets(cfg):
     """Register the data sets ``cfg`` uses; set ``NUM_CLASSES`` and ``CLASS_NAMES`` from them.
 
     - Names starting with ``cmrcnn_shapes`` register the synthetic data set (generated and
       cached on first use).
-    - ``DATASETS.CMRCNN.TRAIN_JSON`` / ``VAL_JSON`` (or ``--train-json`` / ``--val-json`` in
-      ``args``) register the user's COCO files as ``user_train`` / ``user_val`` and make them
+    - ``DATASETS.CMRCNN.TRAIN_JSON`` / ``VAL_JSON`` (``train_net.py``'s ``--train-json`` /
+      ``--val-json``) register the user's COCO files as ``user_train`` / ``user_val`` and make them
       ``DATASETS.TRAIN`` / ``DATASETS.TEST``. Both files are checked (``cmrcnn_ext.data.coco``),
       and against each other: the same categories (a validation file whose ids differ is
       matched by name, logged; other names are an error), masks present when
@@ -146,8 +134,6 @@ def register_project_datasets(cfg, args=None):
 
     Args:
         cfg (CfgNode): not frozen; modified in place.
-        args (argparse.Namespace or None): may carry train_json, train_images, val_json,
-            val_images.
 
     Returns:
         CfgNode: ``cfg``.
@@ -155,11 +141,10 @@ def register_project_datasets(cfg, args=None):
     Raises:
         CocoDataError: unusable files, or splits / config that do not fit together.
     """
-    _apply_command_line(cfg, args)
     data = cfg.DATASETS.CMRCNN
     from detectron2.data import MetadataCatalog
 
-    from .coco import register_coco_dataset
+    from cmrcnn_ext.data.coco import register_coco_dataset
 
     reports = {}
     for split, json_key, root_key, name, cfg_key in [
@@ -169,7 +154,7 @@ def register_project_datasets(cfg, args=None):
         if not data[json_key]:
             continue
         if not data[root_key]:
-            from ..validate import ConfigError
+            from cmrcnn_ext.config.validate import ConfigError
 
             raise ConfigError(
                 [
@@ -180,7 +165,7 @@ def register_project_datasets(cfg, args=None):
             )
         class_names = None
         if split == "val" and ("train" in reports or cfg.MODEL.CMRCNN.CLASS_NAMES):
-            from .coco import prepare_coco
+            from cmrcnn_ext.data.coco import prepare_coco
 
             if "train" in reports:
                 classes, short = reports["train"].thing_classes, "the training file"
@@ -219,7 +204,7 @@ def register_project_datasets(cfg, args=None):
         cfg.DATASETS.TEST = ()
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     if any(n.startswith(SYNTHETIC_PREFIX) for n in names):
-        from .synthetic import CLASS_NAMES, register_synthetic_dataset
+        from cmrcnn_ext.data.synthetic import CLASS_NAMES, register_synthetic_dataset
 
         register_synthetic_dataset(prefix=SYNTHETIC_PREFIX)
         _set_class_names(cfg, CLASS_NAMES, "the synthetic shapes data set")

@@ -1,12 +1,8 @@
-"""Export a trained model to TorchScript (or ONNX) that runs with only torch + torchvision.
+"""The traceable inference path of a Cascade Mask R-CNN, for TorchScript / ONNX export.
 
-    python -m cmrcnn_ext.export --run output/mydata --output model.ts \\
-        [--format torchscript|onnx] [--sample-image IMG] [--mask-format bool|probs] [KEY VALUE ...]
-    python -m cmrcnn_ext.export --config-file cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml \\
-        --weights output/demo/model_final.pth --output model.ts
-
-``--run`` takes a training run's ``OUTPUT_DIR`` (its ``config.yaml`` and final checkpoint); no
-data set is read, and the class names stored with the exported model come from the config.
+This is the one place where cmrcnn_ext re-implements Detectron2's inference code: tracing needs
+it without Python-side sizes. Its equality with Detectron2's own inference is the link, tested
+in tests/test_export.py (eager wrapper == Detectron2 exactly; traced == eager).
 
 The exported model (see docs/export.md) takes ONE image and returns plain tensors:
 
@@ -35,28 +31,15 @@ Detectron2 runs for > 1,000 boxes), the final per-class NMS always the coordinat
 threshold. The un-traced wrapper gives Detectron2's numbers exactly (tests/test_export.py).
 """
 
-import argparse
-import json
-import logging
-import os
-import statistics
-import time
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import nms
 
-from .cli import add_debug_argument, run
-
-logger = logging.getLogger("cmrcnn_ext.export")
-
+#: Mask formats of the exported model's output.
 MASK_FORMATS = ("bool", "probs")
-FORMATS = ("torchscript", "onnx")
-#: Name of the JSON metadata stored in an exported TorchScript file (``_extra_files``).
-METADATA_NAME = "cmrcnn_export.json"
-OUTPUT_NAMES = ("boxes", "scores", "classes", "masks")
 
 
 def _clamp_int(n, high: int):
@@ -319,13 +302,12 @@ class ExportableCascadeMaskRCNN(nn.Module):
         return boxes, scores, classes, masks
 
 
-# --------------------------------------------------------------------------------------- build
 def build_exportable(cfg, weights=None, mask_format="bool"):
     """Build the model of ``cfg``, load ``weights`` (default ``cfg.MODEL.WEIGHTS``; "" = keep the
     random init) and wrap it in :class:`ExportableCascadeMaskRCNN` (eval mode)."""
     from detectron2.modeling import build_model
 
-    from .checkpoint import CMRCNNCheckpointer
+    from cmrcnn_ext.engine.checkpoint import CMRCNNCheckpointer
 
     model = build_model(cfg)
     weights = cfg.MODEL.WEIGHTS if weights is None else weights
@@ -335,300 +317,3 @@ def build_exportable(cfg, weights=None, mask_format="bool"):
     return ExportableCascadeMaskRCNN(model, mask_format=mask_format).eval()
 
 
-def _example_image(cfg, seed=0):
-    """A random (3, H, W) float32 image at the config's test size (4:3 landscape)."""
-    short = int(cfg.INPUT.MIN_SIZE_TEST) or 800
-    long_ = min(int(round(short * 4 / 3)), int(cfg.INPUT.MAX_SIZE_TEST))
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(3, short, long_, generator=g) * 255
-
-
-def trace(wrapper: ExportableCascadeMaskRCNN, example: torch.Tensor):
-    """``torch.jit.trace`` a copy of the wrapper, without gradients, on one example image
-    (3, H, W). The trace is valid for other sizes and detection counts (checked by
-    tests/test_export.py); ``check_trace`` is off because it would re-run the model to compare
-    graphs, which data-dependent sizes make differ anyway."""
-    import copy
-    import warnings
-
-    wrapper = copy.deepcopy(wrapper).eval().requires_grad_(False)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return torch.jit.trace(wrapper, (example,), check_trace=False, strict=False)
-
-
-def metadata(cfg, mask_format):
-    """The contract of an exported model, stored with it (JSON-serialisable dict)."""
-    from .runs import class_names
-
-    return {
-        "input": "image (3, H, W) float32 or uint8, 0-255, channel order input_format, "
-        "resized by the caller (e.g. short side min_size_test, long side <= max_size_test)",
-        "outputs": list(OUTPUT_NAMES),
-        "input_format": cfg.INPUT.FORMAT,
-        "min_size_test": int(cfg.INPUT.MIN_SIZE_TEST),
-        "max_size_test": int(cfg.INPUT.MAX_SIZE_TEST),
-        "mask_format": mask_format,
-        "score_thresh_test": float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST),
-        "detections_per_image": int(cfg.TEST.DETECTIONS_PER_IMAGE),
-        "num_classes": int(cfg.MODEL.ROI_HEADS.NUM_CLASSES),
-        "class_names": class_names(cfg),
-        "mask_stages": cfg.MODEL.CMRCNN.MASK_STAGES,
-        "test_mask_merge": cfg.MODEL.CMRCNN.TEST_MASK_MERGE,
-        "device": str(cfg.MODEL.DEVICE),
-    }
-
-
-def export_torchscript(wrapper, example, path, meta=None):
-    """Trace ``wrapper`` on ``example`` and save it (with ``meta`` as JSON extra file)."""
-    traced = trace(wrapper, example)
-    extra = {METADATA_NAME: json.dumps(meta or {}, indent=1)}
-    torch.jit.save(traced, path, _extra_files=extra)
-    return traced
-
-
-def export_onnx(wrapper, example, path, opset=17, meta=None):
-    """Export ``wrapper`` to ONNX with torch's TorchScript-based exporter (``dynamo=False``):
-    dynamic image height / width and number of detections; ``meta`` goes into the model's
-    ``metadata_props`` under ``cmrcnn_export`` (when the ``onnx`` package is installed).
-    Needs opset >= 16 (``RoiAlign`` with half-pixel coordinates, ``GridSample``)."""
-    import inspect
-    import warnings
-
-    if opset < 16:
-        raise ValueError(
-            f"opset {opset} < 16: torchvision exports roi_align(aligned=True) as RoiAlign with "
-            "coordinate_transformation_mode='half_pixel' (opset 16) and mask pasting needs "
-            "GridSample (opset 16)"
-        )
-    kwargs = {}
-    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
-        kwargs["dynamo"] = False
-    wrapper.eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper, (example,), path, opset_version=opset,
-            input_names=["image"], output_names=list(OUTPUT_NAMES),
-            dynamic_axes={
-                "image": {1: "height", 2: "width"},
-                "boxes": {0: "num_detections"},
-                "scores": {0: "num_detections"},
-                "classes": {0: "num_detections"},
-                "masks": {0: "num_detections", 1: "height", 2: "width"},
-            },
-            **kwargs,
-        )  # fmt: skip
-    if meta is not None:
-        try:
-            import onnx
-        except ImportError:
-            logger.warning("onnx is not installed: no metadata stored in %s", path)
-            return
-        proto = onnx.load(path)
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_NAME.split(".")[0], json.dumps(meta)
-        onnx.save(proto, path)
-
-
-def load_metadata(path):
-    """The metadata dict stored in an exported TorchScript or ONNX file ({} if none)."""
-    if str(path).endswith(".onnx"):
-        import onnx
-
-        props = {
-            p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
-        }
-        return json.loads(props.get(METADATA_NAME.split(".")[0], "{}"))
-    extra = {METADATA_NAME: ""}
-    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return json.loads(extra[METADATA_NAME] or "{}")
-
-
-def match_detections(a, b, tol=1e-4):
-    """Indices ``perm`` with ``b[perm]`` in the order of ``a``: detection i of ``a`` is paired
-    with the one of ``b`` of the same class whose box and score are closest (largest absolute
-    difference). Detections with (nearly) equal scores may come out of NMS / sorting in a
-    different order in different runtimes; this pairs them up. Returns None when the counts
-    differ or some detection has no partner within ``tol``."""
-    boxes_a, scores_a, classes_a = a[:3]
-    boxes_b, scores_b, classes_b = b[:3]
-    if len(boxes_a) != len(boxes_b):
-        return None
-    if len(boxes_a) == 0:
-        return torch.zeros(0, dtype=torch.long)
-    dist = (boxes_a[:, None] - boxes_b[None]).abs().amax(-1)
-    dist = torch.maximum(dist, (scores_a[:, None] - scores_b[None]).abs())
-    dist[classes_a[:, None] != classes_b[None]] = float("inf")
-    diag = dist.diagonal()
-    if bool((diag <= tol).all()):  # same order: the usual case
-        return torch.arange(len(boxes_a))
-    perm = dist.argmin(1)
-    if len(set(perm.tolist())) != len(perm) or not bool((dist.min(1).values <= tol).all()):
-        return None
-    return perm
-
-
-def compare_outputs(a, b, tol=1e-4):
-    """Compare two (boxes, scores, classes, masks) tuples (``a`` the reference).
-
-    Detections are paired with :func:`match_detections` (order of equal scores may differ).
-    Returns a dict with the counts, whether the order is the same, the largest box / score /
-    mask-probability differences or the fraction of differing mask pixels (bool masks), and
-    ``ok``: same count, every detection paired (same class, box and score within ``tol``),
-    mask probabilities within ``tol`` or bool masks with < 0.1 % of pixels different.
-    """
-    a = [t.detach().cpu() for t in a]
-    b = [t.detach().cpu() for t in b]
-    res = {"n": (len(a[0]), len(b[0]))}
-    perm = match_detections(a, b, tol)
-    if perm is None or a[3].shape[1:] != b[3].shape[1:]:
-        res["ok"] = False
-        return res
-    b = [t[perm] for t in b]
-    res["same_order"] = bool(torch.equal(perm, torch.arange(len(perm))))
-    res["classes_equal"] = bool(torch.equal(a[2], b[2]))
-    res["boxes"] = float((a[0] - b[0]).abs().max()) if len(a[0]) else 0.0
-    res["scores"] = float((a[1] - b[1]).abs().max()) if len(a[0]) else 0.0
-    if a[3].dtype == torch.bool:
-        res["mask_pixels_differ"] = float((a[3] != b[3]).float().mean()) if a[3].numel() else 0.0
-        mask_ok = res["mask_pixels_differ"] < 1e-3
-    else:
-        res["masks"] = float((a[3].float() - b[3].float()).abs().max()) if a[3].numel() else 0.0
-        mask_ok = res["masks"] <= tol
-    res["ok"] = res["classes_equal"] and res["boxes"] <= tol and res["scores"] <= tol and mask_ok
-    return res
-
-
-# ----------------------------------------------------------------------------------- benchmark
-def benchmark_exported(path, images: Sequence[torch.Tensor], warmup: int = 3, iters: int = 10):
-    """Median latency in seconds of one image through an exported model.
-
-    Args:
-        path: a ``.ts`` / ``.pt`` TorchScript file (``torch.jit.load``, on the device it was
-            exported for), a ``.onnx`` file (onnxruntime on the CPU, with
-            ``torch.get_num_threads()`` threads) or any callable taking one image.
-        images: (3, H, W) tensors following the model's input contract.
-        warmup: passes over ``images`` before timing.
-        iters: timed passes over ``images``; each image is timed on its own.
-
-    Returns:
-        float: the median over the ``iters * len(images)`` timed calls, in seconds.
-    """
-    if isinstance(path, (str, os.PathLike)) and str(path).endswith(".onnx"):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-        def run(img):
-            return session.run(None, {"image": img.float().numpy()})
-
-    else:
-        model = (
-            torch.jit.load(str(path))  # on the device it was exported for
-            if isinstance(path, (str, os.PathLike))
-            else path
-        )
-        model = model.eval() if hasattr(model, "eval") else model
-
-        def run(img):
-            out = model(img)
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.synchronize()
-            return out
-
-    images = list(images)
-    times = []
-    with torch.no_grad():
-        for _ in range(warmup):
-            for img in images:
-                run(img)
-        for _ in range(iters):
-            for img in images:
-                t0 = time.perf_counter()
-                run(img)
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def _read_sample(path, cfg):
-    from detectron2.data.detection_utils import read_image
-    from detectron2.data.transforms import ResizeShortestEdge
-
-    img = read_image(path, format=cfg.INPUT.FORMAT)
-    if cfg.INPUT.MIN_SIZE_TEST > 0:
-        aug = ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-        img = aug.get_transform(img).apply_image(img)
-    return torch.as_tensor(img.astype("float32").transpose(2, 0, 1).copy())
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--run", help="a training run's OUTPUT_DIR: its config.yaml and final checkpoint"
-    )
-    parser.add_argument("--config-file", help="config (path or packaged name); default: --run's")
-    parser.add_argument("--weights", help="checkpoint (.pth / .pkl); default: --run's")
-    parser.add_argument("--output", required=True, help="exported file (e.g. model.ts, model.onnx)")
-    parser.add_argument("--format", choices=FORMATS, default="torchscript")
-    parser.add_argument(
-        "--sample-image",
-        help="image traced on and checked (resized like DefaultPredictor); default: a random "
-        "image at INPUT.MIN_SIZE_TEST",
-    )
-    parser.add_argument("--mask-format", choices=MASK_FORMATS, default="bool")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16)")
-    parser.add_argument("--no-check", action="store_true", help="skip the eager-vs-export check")
-    add_debug_argument(parser)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
-
-    from detectron2.utils.logger import setup_logger
-
-    from .runs import inference_config
-
-    setup_logger(name="cmrcnn_ext")
-    cfg = inference_config(args.config_file, args.weights, args.run, args.opts)
-    wrapper = build_exportable(cfg, mask_format=args.mask_format)
-    example = _read_sample(args.sample_image, cfg) if args.sample_image else _example_image(cfg)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    if args.format == "torchscript":
-        exported = export_torchscript(
-            wrapper, example, args.output, metadata(cfg, args.mask_format)
-        )
-        exported = torch.jit.load(args.output, map_location=cfg.MODEL.DEVICE)
-    else:
-        export_onnx(wrapper, example, args.output, args.opset, metadata(cfg, args.mask_format))
-        exported = None
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            print("onnxruntime is not installed: the ONNX file is not checked")
-        else:
-            session = ort.InferenceSession(args.output, providers=["CPUExecutionProvider"])
-
-            def exported(img):
-                outs = session.run(None, {"image": img.float().cpu().numpy()})
-                return tuple(torch.from_numpy(o) for o in outs)
-
-    print(f"exported {args.format} -> {args.output}")
-    if not args.no_check and exported is not None:
-        h, w = example.shape[-2:]
-        checks = [
-            example,
-            F.interpolate(example[None], size=(max(32, h * 3 // 4), w), mode="bilinear")[0],
-        ]
-        with torch.no_grad():
-            for img in checks:
-                res = compare_outputs(wrapper(img), exported(img))
-                print(f"check at {tuple(img.shape[-2:])}: {res}")
-                if not res["ok"]:
-                    raise SystemExit(f"exported model differs from the eager one: {res}")
-    return args.output
-
-
-if __name__ == "__main__":
-    run(main)

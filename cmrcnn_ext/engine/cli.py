@@ -1,6 +1,6 @@
 """Running a command-line entry point: a user's mistake is one clear message, not a traceback.
 
-Every command (``train_net.py``, ``python -m cmrcnn_ext.predict`` / ``export`` / ``demo`` ...)
+Every command (``train_net.py``, ``cmrcnn-predict`` / ``export`` / ``demo`` ...)
 runs its ``main`` through :func:`run`: an error of the project's own kind
 (:class:`~cmrcnn_ext.errors.UserError`: bad config values or files, data files, checkpoints,
 arguments) prints ``error: <message>`` to stderr and exits with code 2, the code of a usage
@@ -10,7 +10,7 @@ Other exceptions (bugs) always show their traceback.
 import os
 import sys
 
-from .errors import UserError
+from cmrcnn_ext.errors import UserError
 
 __all__ = ["DEBUG_ENV", "USAGE_ERROR", "add_debug_argument", "run"]
 

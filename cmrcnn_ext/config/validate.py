@@ -2,7 +2,7 @@
 
 Detectron2 checks few config values, and those with bare ``assert`` statements deep inside model
 construction (or not at all: a sampling ratio of -1 or a post-NMS count above the pre-NMS count
-runs silently). :func:`validate_config` checks the keys documented in :mod:`cmrcnn_ext.hparams`
+runs silently). :func:`validate_config` checks the keys documented in :mod:`cmrcnn_ext.config.hparams`
 against their allowed values (the same table the README shows) plus the rules that relate
 several keys, and reports all problems in one :class:`ConfigError`, one line each naming the key,
 its value, what is allowed and how to fix it.
@@ -16,8 +16,8 @@ Example::
 """
 from typing import Any, Callable, List, Set
 
-from .errors import UserError
-from .hparams import CASCADE_ROI_HEADS, HPARAMS, cfg_value, format_value
+from cmrcnn_ext.errors import UserError
+from cmrcnn_ext.config.hparams import CASCADE_ROI_HEADS, HPARAMS, cfg_value, format_value
 
 __all__ = ["ConfigError", "config_problems", "validate_config"]
 
@@ -73,7 +73,7 @@ class _Checker:
 
 
 def _check_documented_keys(c: _Checker) -> None:
-    """Every key of :data:`cmrcnn_ext.hparams.HPARAMS` present in the config, against its
+    """Every key of :data:`cmrcnn_ext.config.hparams.HPARAMS` present in the config, against its
     ``allowed`` values."""
     for hp in HPARAMS:
         if not c.has(hp.key) or hp.allowed.contains(c.get(hp.key)):

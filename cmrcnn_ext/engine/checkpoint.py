@@ -44,7 +44,7 @@ it for local files too. ``.pkl`` files get the same treatment (numpy-only unpick
 
 Command line::
 
-    python -m cmrcnn_ext.checkpoint convert-torchvision resnet50-0676ba61.pth R-50-tv.pkl
+    python -m cmrcnn_ext.engine.checkpoint convert-torchvision resnet50-0676ba61.pth R-50-tv.pkl
 """
 import argparse
 import logging
@@ -62,8 +62,8 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .compat import reset_checkpointer_after_load
-from .errors import UserError
+from cmrcnn_ext.compat import reset_checkpointer_after_load
+from cmrcnn_ext.errors import UserError
 
 try:  # helpers of fvcore's Checkpointer (the base class of DetectionCheckpointer)
     from fvcore.common.checkpoint import (
@@ -740,9 +740,9 @@ def _convert_torchvision_cli(args) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m cmrcnn_ext.checkpoint convert-torchvision IN.pth OUT.pkl [--prefix P]``."""
+    """``python -m cmrcnn_ext.engine.checkpoint convert-torchvision IN.pth OUT.pkl [--prefix P]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m cmrcnn_ext.checkpoint", description=__doc__.splitlines()[0]
+        prog="python -m cmrcnn_ext.engine.checkpoint", description=__doc__.splitlines()[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser(

@@ -16,7 +16,7 @@ class CMRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
     """Mask R-CNN's ``num_conv`` convs + deconv head, with the same layers and parameter names as
     Detectron2's :class:`MaskRCNNConvUpsampleHead` (checkpoints load either way).
 
-    It adds :meth:`mask_probs`, which :class:`~cmrcnn_ext.roi_heads.CascadeMaskROIHeads` uses to
+    It adds :meth:`mask_probs`, which :class:`~cmrcnn_ext.modeling.roi_heads.CascadeMaskROIHeads` uses to
     average the mask probabilities of several heads at test time, and, with
     ``channels_last_cpu`` (``MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD``), has a float32 CPU inference
     path: the convolutions run in channels-last memory format, and the 2x2 stride-2 deconv, its

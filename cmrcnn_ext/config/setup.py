@@ -11,11 +11,11 @@ import logging
 
 import torch
 
-from .config import add_cmrcnn_config
-from .model_zoo import resolve_config_file
-from .validate import ConfigError
+from cmrcnn_ext.config.defaults import add_cmrcnn_config
+from cmrcnn_ext.model_zoo import resolve_config_file
+from cmrcnn_ext.config.validate import ConfigError, validate_config
 
-__all__ = ["load_config"]
+__all__ = ["load_config", "setup_cfg"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,5 +74,39 @@ def _unknown_key_message(cfg, error, source):
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return (
         f"Unknown config key {key!r} in {source}.{hint} Keys are Detectron2's (detectron2/config/"
-        "defaults.py) and cmrcnn_ext's (python -m cmrcnn_ext.hparams lists the tuned ones)"
+        "defaults.py) and cmrcnn_ext's (python -m cmrcnn_ext.config.hparams lists the tuned ones)"
     )
+
+
+def setup_cfg(config_file, opts=(), freeze=True, register_data=True):
+    """:func:`load_config`, then the data sets, validation and freezing.
+
+    Args:
+        config_file (str): a YAML path, or the name of a packaged config.
+        opts (list): ``KEY VALUE`` overrides.
+        freeze (bool): freeze the config.
+        register_data (bool): register the data sets the config names
+            (:func:`cmrcnn_ext.data.register_project_datasets`, which sets the number and
+            names of classes from them). Prediction and export do not: they take the classes
+            from the config (a training run's ``config.yaml``).
+
+    Returns:
+        CfgNode
+    """
+    cfg = load_config(config_file, opts)
+    if register_data:
+        from cmrcnn_ext.data import register_project_datasets
+
+        register_project_datasets(cfg)
+    elif cfg.MODEL.ROI_HEADS.NUM_CLASSES == 0:
+        raise ConfigError(
+            [
+                "MODEL.ROI_HEADS.NUM_CLASSES = 0 takes the number of classes from the training "
+                "data, which prediction and export do not read. Use the training run's config "
+                "(OUTPUT_DIR/config.yaml, or --run OUTPUT_DIR), or set NUM_CLASSES"
+            ]
+        )
+    validate_config(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg

@@ -8,7 +8,7 @@ data set; :func:`class_names` names its classes.
 import os
 import re
 
-from .errors import UserError
+from cmrcnn_ext.errors import UserError
 
 __all__ = [
     "RunFolderError",
@@ -66,7 +66,7 @@ def inference_config(config_file=None, weights=None, run=None, opts=()):
     Raises:
         UserError: neither a config nor a run, no weights, or a config error.
     """
-    from .engine import setup_cfg
+    from cmrcnn_ext.config import setup_cfg
 
     if run:
         run_config, run_weights = run_files(run)
@@ -84,8 +84,8 @@ def class_names(cfg):
     data set such as Detectron2's built-in COCO), else "class 0", ...."""
     from detectron2.data import MetadataCatalog
 
-    from .data.builtin import SYNTHETIC_PREFIX
-    from .data.synthetic import CLASS_NAMES as SHAPES
+    from cmrcnn_ext.data.register import SYNTHETIC_PREFIX
+    from cmrcnn_ext.data.synthetic import CLASS_NAMES as SHAPES
 
     num = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     if len(cfg.MODEL.CMRCNN.CLASS_NAMES) == num:
@@ -121,7 +121,7 @@ def check_eval_weights(config_file, opts=(), resume=False, allow_untrained=False
     """
     if allow_untrained:
         return
-    from .config_setup import load_config
+    from cmrcnn_ext.config.setup import load_config
 
     cfg = load_config(config_file, opts)
     if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):

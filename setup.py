@@ -1,4 +1,5 @@
 """Installs cmrcnn_ext. Detectron2 and torch are installed by scripts/env.sh (see README)."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -22,7 +23,8 @@ setup(
     # name, and pip must not replace a user's CUDA build of torch. scripts/env.sh installs them.
     install_requires=[
         "numpy",
-        "Pillow>=10.2",  # current Pillow (security fixes); tools/install_detectron2.py makes v0.6 work
+        # current Pillow (security fixes); tools/install_detectron2.py makes v0.6 work with it
+        "Pillow>=10.2",
         "pycocotools>=2.0.2",
         "matplotlib",
         "tqdm",

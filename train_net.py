@@ -31,21 +31,20 @@ one per GPU (NCCL) or, on a machine without CUDA, N CPU processes (gloo);
 ``torchrun --nproc_per_node N train_net.py ...`` works too (then torchrun's options decide and
 ``--num-gpus`` is ignored). ``SOLVER.IMS_PER_BATCH`` is the total batch over all processes.
 """
+
 import os
 import time
 
-import detectron2.utils.comm as comm
-from detectron2.engine import default_argument_parser
-from detectron2.evaluation import verify_results
-
+# Only cmrcnn_ext at the top: it imports Detectron2 first, without torch's torch.jit.script
+# deprecation warnings (cmrcnn_ext.compat.import_detectron2_quietly).
+from cmrcnn_ext.engine import Trainer
 from cmrcnn_ext.engine.checkpoint import CMRCNNCheckpointer
 from cmrcnn_ext.engine.cli import add_debug_argument, run
 from cmrcnn_ext.engine.determinism import enable_determinism
-from cmrcnn_ext.engine import Trainer
-from cmrcnn_ext.engine.setup import setup
 from cmrcnn_ext.engine.launch import launch
 from cmrcnn_ext.engine.report import write_results
 from cmrcnn_ext.engine.runs import check_eval_weights
+from cmrcnn_ext.engine.setup import setup
 
 
 def add_data_arguments(parser):
@@ -61,6 +60,9 @@ def add_data_arguments(parser):
 
 
 def main(args):
+    from detectron2.evaluation import verify_results
+    from detectron2.utils import comm
+
     if args.eval_only:  # before anything is built: a random model's AP would mean nothing
         check_eval_weights(args.config_file, args.opts, args.resume, args.eval_untrained)
     cfg = setup(args)
@@ -81,8 +83,13 @@ def main(args):
             weights = cfg.MODEL.WEIGHTS
             if args.resume and checkpointer.has_checkpoint():
                 weights = checkpointer.get_checkpoint_file()
-            write_results(cfg.OUTPUT_DIR, dict(res), {"eval": time.perf_counter() - start}, cfg,
-                          {"weights": os.path.abspath(weights) if weights else ""})  # fmt: skip
+            write_results(
+                cfg.OUTPUT_DIR,
+                dict(res),
+                {"eval": time.perf_counter() - start},
+                cfg,
+                {"weights": os.path.abspath(weights) if weights else ""},
+            )
         return res
     trainer = Trainer(cfg)  # TEST.AUG.ENABLED: Trainer.build_hooks adds the TTA evaluation
     trainer.resume_or_load(resume=args.resume)
@@ -90,6 +97,8 @@ def main(args):
 
 
 def get_parser():
+    from detectron2.engine import default_argument_parser
+
     parser = add_data_arguments(default_argument_parser())
     parser.add_argument(
         "--deterministic",

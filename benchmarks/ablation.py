@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Ablation on the CPU demo setup: where the mask head sits, vs Detectron2's built-ins.
 
-    python benchmarks/ablation.py [--only NAME ...] [--iters N] [--output output/ablation] [KEY VALUE ...]
+    python benchmarks/ablation.py [--only NAME ...] [--iters N] [--output output/ablation] \\
+        [KEY VALUE ...]
     python benchmarks/ablation.py --report          # table from the variants already trained
 
 Trains the demo config (same seed, data and iterations) with:
@@ -18,6 +19,7 @@ the demo's own iterations and LR steps are used; ``--iters N`` scales the steps 
 Inference s/image is the time of ``Trainer.test`` (inference + COCO evaluation) over the
 held-out images, divided by their number.
 """
+
 import argparse
 import json
 import os
@@ -27,10 +29,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.data import DatasetCatalog  # noqa: E402
+from detectron2.utils.env import seed_all_rng  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from cmrcnn_ext.apps.demo import DEMO_CONFIG  # noqa: E402
-from detectron2.utils.env import seed_all_rng  # noqa: E402
 from cmrcnn_ext.config import setup_cfg
 from cmrcnn_ext.engine import Trainer  # noqa: E402
 
@@ -39,17 +41,25 @@ VARIANTS = [
     ("ours first", ["MODEL.CMRCNN.MASK_STAGES", "first"], None),
     (
         "Detectron2 CascadeROIHeads",
-        ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads", "MODEL.ROI_MASK_HEAD.NAME",
-         "MaskRCNNConvUpsampleHead"],
+        [
+            "MODEL.ROI_HEADS.NAME",
+            "CascadeROIHeads",
+            "MODEL.ROI_MASK_HEAD.NAME",
+            "MaskRCNNConvUpsampleHead",
+        ],
         None,
-    ),  # fmt: skip
+    ),
     ("ours all", ["MODEL.CMRCNN.MASK_STAGES", "all"], {"last": "last", "mean": "mean"}),
     (
         "Mask R-CNN (StandardROIHeads)",
-        ["MODEL.ROI_HEADS.NAME", "StandardROIHeads", "MODEL.ROI_MASK_HEAD.NAME",
-         "MaskRCNNConvUpsampleHead"],
+        [
+            "MODEL.ROI_HEADS.NAME",
+            "StandardROIHeads",
+            "MODEL.ROI_MASK_HEAD.NAME",
+            "MaskRCNNConvUpsampleHead",
+        ],
         None,
-    ),  # fmt: skip
+    ),
     ("ours last", ["MODEL.CMRCNN.MASK_STAGES", "last"], None),
     (
         "ours all, weights 1/0.5/0.25",
@@ -67,8 +77,12 @@ def run_variant(name, overrides, merges, args):
     out = os.path.join(args.output, _slug(name))
     opts = list(args.opts) + overrides + ["OUTPUT_DIR", out]
     if args.iters:  # keep the demo's LR schedule shape
-        opts += ["SOLVER.MAX_ITER", args.iters,
-                 "SOLVER.STEPS", f"({int(args.iters * 0.8)}, {int(args.iters * 0.925)})"]
+        opts += [
+            "SOLVER.MAX_ITER",
+            args.iters,
+            "SOLVER.STEPS",
+            f"({int(args.iters * 0.8)}, {int(args.iters * 0.925)})",
+        ]
     cfg = setup_cfg(args.config_file, [str(o) for o in opts])
     seed_all_rng(cfg.SEED)  # weights and image order (runs before this round seeded torch only)
     trainer = Trainer(cfg)

@@ -14,6 +14,7 @@ the same processed predictions, ``--repeats`` times, alternating.
 
 Exit status 1 if any number differs by 5e-5 or more (0-1 scale).
 """
+
 import argparse
 import contextlib
 import copy
@@ -28,25 +29,49 @@ import time
 import numpy as np
 
 # the evaluation set (ground truth + predictions) shared with tests/test_evaluation.py
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures"))
-from synthetic_results import iter_model_outputs, make_coco_eval_set, register_eval_set  # noqa: E402
-from cmrcnn_ext.evaluation import coco as cmrcnn_evaluation
-from cmrcnn_ext.evaluation.coco import FastCOCOEvaluator
+sys.path.insert(
+    0,
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures"),
+)
 from detectron2.evaluation import COCOEvaluator
 from detectron2.evaluation import coco_evaluation as d2_coco_evaluation
 
+from cmrcnn_ext.evaluation import coco as cmrcnn_evaluation
+from cmrcnn_ext.evaluation.coco import FastCOCOEvaluator
+
+from synthetic_results import iter_model_outputs, make_coco_eval_set, register_eval_set  # noqa: E402
+
 TASKS = ("bbox", "segm")
-STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+STAT_NAMES = [
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-size", type=int, default=400, help="image side range (px)")
     p.add_argument("--max-size", type=int, default=640)
-    p.add_argument("--max-objects", type=int, default=14, help="ground-truth objects per image: 1..N")
-    p.add_argument("--max-false-positives", type=int, default=60, help="false positives per image: 0..N")
+    p.add_argument(
+        "--max-objects", type=int, default=14, help="ground-truth objects per image: 1..N"
+    )
+    p.add_argument(
+        "--max-false-positives", type=int, default=60, help="false positives per image: 0..N"
+    )
     p.add_argument("--repeats", type=int, default=1, help="timed evaluate() calls per evaluator")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     return p.parse_args(argv)
@@ -96,8 +121,12 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="bench_eval_")
     t0 = time.perf_counter()
     gt, dets = make_coco_eval_set(
-        args.images, seed=args.seed, min_size=args.min_size, max_size=args.max_size,
-        max_objects=args.max_objects, max_false_positives=args.max_false_positives,
+        args.images,
+        seed=args.seed,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        max_objects=args.max_objects,
+        max_false_positives=args.max_false_positives,
     )
     json_file = os.path.join(tmp, "gt.json")
     with open(json_file, "w") as f:
@@ -106,12 +135,18 @@ def main(argv=None):
     t_gen = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ref = COCOEvaluator("bench_eval_set", tasks=TASKS, distributed=False,
-                        output_dir=os.path.join(tmp, "pycocotools"), use_fast_impl=False)
+    ref = COCOEvaluator(
+        "bench_eval_set",
+        tasks=TASKS,
+        distributed=False,
+        output_dir=os.path.join(tmp, "pycocotools"),
+        use_fast_impl=False,
+    )
     t_init_ref = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ours = FastCOCOEvaluator("bench_eval_set", tasks=TASKS, distributed=False,
-                             output_dir=os.path.join(tmp, "faster"))
+    ours = FastCOCOEvaluator(
+        "bench_eval_set", tasks=TASKS, distributed=False, output_dir=os.path.join(tmp, "faster")
+    )
     t_init_ours = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -124,27 +159,39 @@ def main(argv=None):
     anns = gt["annotations"]
     n_dets = sum(len(p["instances"]) for p in predictions)
     scores = [r["score"] for p in predictions for r in p["instances"]]
-    print(f"data: {len(gt['images'])} images {args.min_size}-{args.max_size} px, "
-          f"{len(anns)} ground-truth objects ({sum(a['iscrowd'] for a in anns)} iscrowd, "
-          f"{sum(isinstance(a['segmentation'], list) for a in anns)} polygons, rest RLE), "
-          f"{len(gt['images']) - len({a['image_id'] for a in anns})} images without annotations, "
-          f"{len(gt['categories'])} categories; {n_dets} detections "
-          f"({n_dets / len(gt['images']):.1f}/image, {len(scores) - len(set(scores))} tied scores)")
-    print(f"generate {t_gen:.2f} s; process() (mask RLE encoding, shared by both) {t_process:.2f} s")
+    print(
+        f"data: {len(gt['images'])} images {args.min_size}-{args.max_size} px, "
+        f"{len(anns)} ground-truth objects ({sum(a['iscrowd'] for a in anns)} iscrowd, "
+        f"{sum(isinstance(a['segmentation'], list) for a in anns)} polygons, rest RLE), "
+        f"{len(gt['images']) - len({a['image_id'] for a in anns})} images without annotations, "
+        f"{len(gt['categories'])} categories; {n_dets} detections "
+        f"({n_dets / len(gt['images']):.1f}/image, {len(scores) - len(set(scores))} tied scores)"
+    )
+    print(
+        f"generate {t_gen:.2f} s; process() (mask RLE encoding, shared by both) {t_process:.2f} s"
+    )
 
     # rows: (label, {backend: [seconds per repeat]}) for wall and CPU time
-    rows = {kind: {label: {"pycocotools": [], "faster": []} for label in
-                   [f"AP computation {t}" for t in TASKS] + ["AP computation bbox+segm",
-                                                             "evaluate() end to end"]}
-            for kind in ("wall", "cpu")}
+    rows = {
+        kind: {
+            label: {"pycocotools": [], "faster": []}
+            for label in [f"AP computation {t}" for t in TASKS]
+            + ["AP computation bbox+segm", "evaluate() end to end"]
+        }
+        for kind in ("wall", "cpu")
+    }
     for _ in range(args.repeats):
         runs = {
-            "pycocotools": timed_evaluate(ref, predictions, _Recorder(
-                d2_coco_evaluation, "_evaluate_predictions_on_coco")),
-            "faster": timed_evaluate(ours, predictions, _Recorder(
-                cmrcnn_evaluation, "evaluate_predictions_on_coco_faster")),
+            "pycocotools": timed_evaluate(
+                ref, predictions, _Recorder(d2_coco_evaluation, "_evaluate_predictions_on_coco")
+            ),
+            "faster": timed_evaluate(
+                ours,
+                predictions,
+                _Recorder(cmrcnn_evaluation, "evaluate_predictions_on_coco_faster"),
+            ),
         }
-        for backend, (results, rec, wall, cpu) in runs.items():
+        for backend, (_, rec, wall, cpu) in runs.items():
             for kind, per_task, total in (("wall", rec.wall, wall), ("cpu", rec.cpu, cpu)):
                 for t in TASKS:
                     rows[kind][f"AP computation {t}"][backend].append(per_task[t])
@@ -153,10 +200,15 @@ def main(argv=None):
     ref_results, ref_rec = runs["pycocotools"][:2]
     our_results = runs["faster"][0]
 
-    print(f"\nevaluator construction (loads the GT JSON): pycocotools {t_init_ref:.2f} s, "
-          f"faster {t_init_ours:.2f} s (faster-coco-eval's own GT copy is loaded in evaluate())")
+    print(
+        f"\nevaluator construction (loads the GT JSON): pycocotools {t_init_ref:.2f} s, "
+        f"faster {t_init_ours:.2f} s (faster-coco-eval's own GT copy is loaded in evaluate())"
+    )
     print(f"\nmedian of {args.repeats} run(s), seconds; CPU = process CPU time (all threads)")
-    print(f"{'':<28}{'wall: pycoco':>13}{'faster':>8}{'ratio':>7}   {'CPU: pycoco':>12}{'faster':>8}{'ratio':>7}")
+    print(
+        f"{'':<28}{'wall: pycoco':>13}{'faster':>8}{'ratio':>7}   "
+        f"{'CPU: pycoco':>12}{'faster':>8}{'ratio':>7}"
+    )
     ratio = {}
     for label in rows["wall"]:
         line = f"{label:<28}"
@@ -166,9 +218,11 @@ def main(argv=None):
             ratio[kind, label] = a / b
             line += f"{a:>13.2f}{b:>8.2f}{a / b:>6.1f}x" + ("   " if kind == "wall" else "")
         print(line)
-    print("  (AP computation: COCO loadRes + COCOeval evaluate/accumulate/summarize per task;\n"
-          "   evaluate() also writes instances_predictions.pth and coco_instances_results.json,\n"
-          "   the same work for both; process() is not included)")
+    print(
+        "  (AP computation: COCO loadRes + COCOeval evaluate/accumulate/summarize per task;\n"
+        "   evaluate() also writes instances_predictions.pth and coco_instances_results.json,\n"
+        "   the same work for both; process() is not included)"
+    )
 
     worst, ok = 0.0, True
     print(f"\n{'stat':<8}" + "".join(f"{t + ' pycoco':>14}{t + ' faster':>14}" for t in TASKS))
@@ -187,15 +241,22 @@ def main(argv=None):
     per_cat = [k for k in ref_results["segm"] if k.startswith("AP-")]
     print("per-category AP (percent), bbox / segm, pycocotools | faster:")
     for k in per_cat:
-        print(f"  {k:<12} {ref_results['bbox'][k]:8.4f} / {ref_results['segm'][k]:8.4f}  |  "
-              f"{our_results['bbox'][k]:8.4f} / {our_results['segm'][k]:8.4f}")
+        print(
+            f"  {k:<12} {ref_results['bbox'][k]:8.4f} / {ref_results['segm'][k]:8.4f}  |  "
+            f"{our_results['bbox'][k]:8.4f} / {our_results['segm'][k]:8.4f}"
+        )
     ok = worst < 5e-5 and set(ref_results["segm"]) == set(our_results["segm"])
-    print(f"\nmax |difference| over 2x12 stats and all result-dict entries (0-1 scale): {worst:.2e} -> "
-          f"{'EQUAL to 4 decimals' if ok else 'DIFFERENT'}")
+    print(
+        "\nmax |difference| over 2x12 stats and all result-dict entries (0-1 scale): "
+        f"{worst:.2e} -> "
+        f"{'EQUAL to 4 decimals' if ok else 'DIFFERENT'}"
+    )
     key = "AP computation bbox+segm"
-    print(f"speed-up of the AP computation (bbox+segm): {ratio['wall', key]:.1f}x wall, "
-          f"{ratio['cpu', key]:.1f}x CPU (target >= 3x); evaluate() end to end "
-          f"{ratio['wall', 'evaluate() end to end']:.1f}x wall")
+    print(
+        f"speed-up of the AP computation (bbox+segm): {ratio['wall', key]:.1f}x wall, "
+        f"{ratio['cpu', key]:.1f}x CPU (target >= 3x); evaluate() end to end "
+        f"{ratio['wall', 'evaluate() end to end']:.1f}x wall"
+    )
     return 0 if ok else 1
 
 

@@ -31,10 +31,12 @@ rendered at the requested size, with their ground truth used for training.
     python benchmarks/bench_inference.py --config demo        # the CPU demo config, 256 px
     python benchmarks/bench_inference.py --config demo --scaling
 """
+
 import argparse
 import contextlib
 import copy
 import ctypes
+import functools
 import os
 import resource
 import statistics
@@ -61,45 +63,93 @@ MODEL_NAMES = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="r50",
-                   help="config file, or 'r50' (cascade_mask_rcnn_R_50_FPN_1x.yaml, default) "
-                        "or 'demo' (cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        default="r50",
+        help="config file, or 'r50' (cascade_mask_rcnn_R_50_FPN_1x.yaml, default) "
+        "or 'demo' (cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--iters", type=int, default=None,
-                   help="timed inference runs per model (default 3 for R50-size configs, 10 for smaller)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up runs per model (default 1, 2 for small configs)")
-    p.add_argument("--train-iters", type=int, default=None,
-                   help="timed training iterations per model and batch size, after 1 warm-up "
-                        "(default 1 for R50-size configs, 4 for smaller)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="short side in px (default: the config's INPUT.MIN_SIZE_TEST, 800 for R50); the "
-                        "long side is 4/3 of it, capped at INPUT.MAX_SIZE_TEST scaled alike")
-    p.add_argument("--detections", type=int, default=None,
-                   help="detections per image (TEST.DETECTIONS_PER_IMAGE with SCORE_THRESH_TEST 0; "
-                        "default: the config's value)")
-    p.add_argument("--batch-sizes", default=None,
-                   help="comma-separated training batch sizes (default 1; 'none' skips training)")
-    p.add_argument("--scaling", action="store_true",
-                   help="also print scaling tables: inference vs short side 512/800/1333 and vs "
-                        "detections 10/100/300; training vs batch 1/2/4")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 warm-up + 2 timed inference runs, 1 training iteration; for "
-                        "R50-size configs also short side 320, 20 detections, RPN top-k 300")
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="timed inference runs per model (default 3 for R50-size configs, 10 for smaller)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="warm-up runs per model (default 1, 2 for small configs)",
+    )
+    p.add_argument(
+        "--train-iters",
+        type=int,
+        default=None,
+        help="timed training iterations per model and batch size, after 1 warm-up "
+        "(default 1 for R50-size configs, 4 for smaller)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="short side in px (default: the config's INPUT.MIN_SIZE_TEST, 800 for R50); the "
+        "long side is 4/3 of it, capped at INPUT.MAX_SIZE_TEST scaled alike",
+    )
+    p.add_argument(
+        "--detections",
+        type=int,
+        default=None,
+        help="detections per image (TEST.DETECTIONS_PER_IMAGE with SCORE_THRESH_TEST 0; "
+        "default: the config's value)",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        default=None,
+        help="comma-separated training batch sizes (default 1; 'none' skips training)",
+    )
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also print scaling tables: inference vs short side 512/800/1333 and vs "
+        "detections 10/100/300; training vs batch 1/2/4",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 warm-up + 2 timed inference runs, 1 training iteration; for "
+        "R50-size configs also short side 320, 20 detections, RPN top-k 300",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-export", action="store_true",
-                   help="skip the row of the TorchScript-exported model (b)")
+    p.add_argument(
+        "--no-export",
+        action="store_true",
+        help="skip the row of the TorchScript-exported model (b)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--weights", default="",
-                   help="checkpoint (.pth, e.g. the demo's model_final.pth) loaded into every model "
-                        "instead of random weights; (c)'s extra mask heads are its mask head plus "
-                        "small noise, as with random weights")
-    p.add_argument("--score-thresh", type=float, default=0.0,
-                   help="SCORE_THRESH_TEST (default 0: every image has --detections detections; with "
-                        "trained --weights, the config's 0.05 gives the detections a user gets)")
-    p.add_argument("opts", nargs=argparse.REMAINDER,
-                   help="config overrides KEY VALUE ... for all three models, after the config "
-                        "(e.g. MODEL.CMRCNN.FAST_ROI_ALIGN False)")
+    p.add_argument(
+        "--weights",
+        default="",
+        help="checkpoint (.pth, e.g. the demo's model_final.pth) loaded into every model "
+        "instead of random weights; (c)'s extra mask heads are its mask head plus "
+        "small noise, as with random weights",
+    )
+    p.add_argument(
+        "--score-thresh",
+        type=float,
+        default=0.0,
+        help="SCORE_THRESH_TEST (default 0: every image has --detections detections; with "
+        "trained --weights, the config's 0.05 gives the detections a user gets)",
+    )
+    p.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        help="config overrides KEY VALUE ... for all three models, after the config "
+        "(e.g. MODEL.CMRCNN.FAST_ROI_ALIGN False)",
+    )
     return p.parse_args(argv)
 
 
@@ -179,8 +229,10 @@ def build_models(cfg, seed, calib_item, weights=""):
     else:
         n_bn = calibrate_frozen_bn(models["b"], calib_item)
     if n_bn:
-        print(f"FrozenBN: statistics of {n_bn} layers set from one image (random weights otherwise "
-              "give ~1e4-scale features and no detections)")
+        print(
+            f"FrozenBN: statistics of {n_bn} layers set from one image (random weights otherwise "
+            "give ~1e4-scale features and no detections)"
+        )
     ref = models["b"].state_dict()
     models["a"].load_state_dict(ref)
     num_heads = len(models["c"].roi_heads.mask_head)
@@ -188,7 +240,7 @@ def build_models(cfg, seed, calib_item, weights=""):
     state_c = {}
     for key, value in ref.items():
         if key.startswith("roi_heads.mask_head."):
-            rest = key[len("roi_heads.mask_head."):]
+            rest = key[len("roi_heads.mask_head.") :]
             for h in range(num_heads):
                 v = value.clone()
                 if h > 0 and v.is_floating_point() and v.numel() > 1:
@@ -217,8 +269,9 @@ def image_shape(cfg, short):
 
 def make_images(n, h, w, seed, num_classes):
     """n synthetic shapes images (H, W) with ground truth (boxes, classes, masks)."""
-    from cmrcnn_ext.data.synthetic import _render_image
     from detectron2.structures import BitMasks, Boxes, Instances
+
+    from cmrcnn_ext.data.synthetic import _render_image
 
     rng = np.random.default_rng(seed)
     out = []
@@ -237,8 +290,9 @@ def make_images(n, h, w, seed, num_classes):
         inst = Instances((h, w))
         inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
         inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-        inst.gt_masks = BitMasks(torch.from_numpy(np.stack(masks)) if masks
-                                 else torch.zeros(0, h, w, dtype=torch.bool))
+        inst.gt_masks = BitMasks(
+            torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, h, w, dtype=torch.bool)
+        )
         image = torch.from_numpy(img.transpose(2, 0, 1).astype("float32"))
         out.append({"image": image, "height": h, "width": w, "instances": inst})
     return out
@@ -376,15 +430,21 @@ class PartTimer:
         features = self._step("backbone", lambda: m.backbone(images.tensor))
         proposals, _ = self._step("RPN", lambda: m.proposal_generator(images, features, None))
         results, _ = self._step("roi_heads", lambda: m.roi_heads(images, features, proposals, None))
-        out = self._step("postprocess", lambda: GeneralizedRCNN._postprocess(
-            results, batched_inputs, images.image_sizes))
+        out = self._step(
+            "postprocess",
+            lambda: GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes),
+        )
         self.times["total"] = time.perf_counter() - start
         return out, dict(self.times)
 
 
 def breakdown_rows(t, num_stages):
     """Derived per-run rows (seconds) from PartTimer times."""
-    rows = {"preprocess (normalise, pad)": t["preprocess"], "backbone": t["backbone"], "RPN": t["RPN"]}
+    rows = {
+        "preprocess (normalise, pad)": t["preprocess"],
+        "backbone": t["backbone"],
+        "RPN": t["RPN"],
+    }
     for k in range(1, num_stages + 1):
         st = t.get(f"box stage {k}", 0.0)
         pool = t.get(f"box stage {k} ROIAlign", 0.0)
@@ -454,12 +514,15 @@ def run_training(models, images, batch_size, warmup, iters, device):
     for k, m in models.items():
         m.train()
         # lr 0: every iteration does the same work on unchanged weights
-        opts[k] = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0,
-                                  momentum=0.9, weight_decay=1e-4)
+        opts[k] = torch.optim.SGD(
+            [p for p in m.parameters() if p.requires_grad], lr=0.0, momentum=0.9, weight_decay=1e-4
+        )
     try:
         with EventStorage(0):
             for i in range(warmup + iters):
-                batch = [copy.copy(images[(i * batch_size + j) % len(images)]) for j in range(batch_size)]
+                batch = [
+                    copy.copy(images[(i * batch_size + j) % len(images)]) for j in range(batch_size)
+                ]
                 for k, m in models.items():
                     _trim_heap()
                     with MemoryMonitor(device) as mem:
@@ -507,7 +570,9 @@ class OutputChecker:
         self.distinct += len(torch.unique(a.pred_boxes.tensor, dim=0))
         diff = (a.pred_boxes.tensor - b.pred_boxes.tensor).abs()
         self.boxes = max(self.boxes, diff.max().item())
-        self.box_rel = max(self.box_rel, (diff / a.pred_boxes.tensor.abs().clamp(min=1)).max().item())
+        self.box_rel = max(
+            self.box_rel, (diff / a.pred_boxes.tensor.abs().clamp(min=1)).max().item()
+        )
         self.scores = max(self.scores, (a.scores - b.scores).abs().max().item())
         self.classes += int((a.pred_classes != b.pred_classes).sum())
         self.mask_px += int((a.pred_masks != b.pred_masks).sum())
@@ -519,37 +584,61 @@ class OutputChecker:
 
     def same_as_forward(self, forward_out, timed_out):
         x, y = forward_out[0]["instances"], timed_out[0]["instances"]
-        self.forward_same = len(x) == len(y) and torch.equal(x.pred_boxes.tensor, y.pred_boxes.tensor) \
-            and torch.equal(x.scores, y.scores) and torch.equal(x.pred_masks, y.pred_masks)
+        self.forward_same = (
+            len(x) == len(y)
+            and torch.equal(x.pred_boxes.tensor, y.pred_boxes.tensor)
+            and torch.equal(x.scores, y.scores)
+            and torch.equal(x.pred_masks, y.pred_masks)
+        )
 
     @property
     def ok(self):
         # Boxes: 1e-4 relative to the coordinate (1e-4 px up to 1 px). Absolute 1e-4 px would be
         # below float32's resolution beyond 1024 px (its step there is 1.2e-4 px).
-        return (self.n_det > 0 and self.counts_differ == 0 and self.box_rel <= 1e-4 and self.scores <= 1e-4
-                and self.classes == 0 and self.mask_px <= 1e-4 * self.total_px
-                and self.forward_same is not False)
+        return (
+            self.n_det > 0
+            and self.counts_differ == 0
+            and self.box_rel <= 1e-4
+            and self.scores <= 1e-4
+            and self.classes == 0
+            and self.mask_px <= 1e-4 * self.total_px
+            and self.forward_same is not False
+        )
 
     def lines(self):
         out = [
-            f"  (a) vs (b) over {self.n_img} inference runs, {self.n_det} detections: max |box diff| "
-            f"{self.boxes:.2e} px (relative to the coordinate {self.box_rel:.1e}), max |score diff| {self.scores:.2e}, class mismatches {self.classes}, "
-            f"differing mask pixels {self.mask_px} of {self.total_px}, runs with different detection "
-            f"counts {self.counts_differ} -> {'EQUAL (1e-4)' if self.ok else 'DIFFERENT'}"]
+            f"  (a) vs (b) over {self.n_img} inference runs, {self.n_det} detections: "
+            f"max |box diff| {self.boxes:.2e} px (relative to the coordinate {self.box_rel:.1e}), "
+            f"max |score diff| {self.scores:.2e}, class mismatches {self.classes}, "
+            f"differing mask pixels {self.mask_px} of {self.total_px}, "
+            "runs with different detection "
+            f"counts {self.counts_differ} -> {'EQUAL (1e-4)' if self.ok else 'DIFFERENT'}"
+        ]
         if self.n_det:
-            out.append(f"  distinct boxes among the detections: {self.distinct} of {self.n_det} "
-                       f"({100 * (1 - self.distinct / self.n_det):.0f}% of the detections repeat a box of "
-                       "another class; (b) and (c) run the mask head once per distinct box, (a) once "
-                       "per detection)")
+            out.append(
+                f"  distinct boxes among the detections: {self.distinct} of {self.n_det} "
+                f"({100 * (1 - self.distinct / self.n_det):.0f}% of the detections repeat a box of "
+                "another class; (b) and (c) run the mask head once per distinct box, (a) once "
+                "per detection)"
+            )
         if self.ious:
-            out.append(f"  (c) vs (a): max |box diff| {self.box_c:.2e} (same box path); mean mask IoU "
-                       f"{torch.cat(self.ious).mean().item():.3f} (masks: mean of 3 heads' probabilities)")
+            out.append(
+                f"  (c) vs (a): max |box diff| {self.box_c:.2e} (same box path); mean mask IoU "
+                f"{torch.cat(self.ious).mean().item():.3f} (masks: mean of 3 heads' probabilities)"
+            )
         if self.forward_same is not None:
-            out.append(f"  timed part-by-part path gives model(inputs)'s outputs: {self.forward_same}")
+            out.append(
+                f"  timed part-by-part path gives model(inputs)'s outputs: {self.forward_same}"
+            )
         return out
 
 
 # ----------------------------------------------------------------------------- printing
+def _ratio(x, base):
+    """``x / base`` as "1.23x", or "-" where the baseline time is too small to divide by."""
+    return f"{x / base:8.2f}x" if base > 1e-4 else f"{'-':>9}"
+
+
 def _ms(x):
     return f"{1000 * x:9.1f}"
 
@@ -561,15 +650,20 @@ def _mib(x):
 def print_inference(res, title, device):
     mem_label = "CUDA peak MiB (+run)" if device == "cuda" else "peak RSS MiB (+run)"
     print(f"\n{title}")
-    print(f"{'model':<28}{'median ms':>10}{'IQR ms':>9}{'img/s':>8}{'vs (a)':>8}{'dets':>6}   {mem_label}")
+    print(
+        f"{'model':<28}{'median ms':>10}{'IQR ms':>9}{'img/s':>8}{'vs (a)':>8}{'dets':>6}   "
+        f"{mem_label}"
+    )
     base = statistics.median(res["a"]["lat"])
     for k, r in res.items():
         lat = np.array(r["lat"])
         q1, q3 = np.percentile(lat, [25, 75])
         med = float(np.median(lat))
-        print(f"{MODEL_NAMES[k]:<28}{_ms(med):>10}{_ms(q3 - q1):>9}{len(lat) / lat.sum():8.2f}"
-              f"{med / base:7.2f}x{statistics.mean(r['dets']):6.0f}   "
-              f"{_mib(r['peak'])} ({r['delta'] / 2**20:+.0f})")
+        print(
+            f"{MODEL_NAMES[k]:<28}{_ms(med):>10}{_ms(q3 - q1):>9}{len(lat) / lat.sum():8.2f}"
+            f"{med / base:7.2f}x{statistics.mean(r['dets']):6.0f}   "
+            f"{_mib(r['peak'])} ({r['delta'] / 2**20:+.0f})"
+        )
 
 
 def print_exported(models, images, warmup, iters):
@@ -578,11 +672,14 @@ def print_exported(models, images, warmup, iters):
     calls, median), and whether each export gives (b)'s eager outputs (1e-4, all images)."""
     import tempfile
 
-    from exported import benchmark_exported
-
     from cmrcnn_ext.export import (
-        ExportableCascadeMaskRCNN, compare_outputs, export_onnx, export_torchscript,
-    )  # fmt: skip
+        ExportableCascadeMaskRCNN,
+        compare_outputs,
+        export_onnx,
+        export_torchscript,
+    )
+
+    from exported import benchmark_exported
 
     imgs = [infer_inputs(item)[0]["image"] for item in images]
     wrapper = ExportableCascadeMaskRCNN(models["b"], mask_format="bool").eval()
@@ -598,20 +695,26 @@ def print_exported(models, images, warmup, iters):
         loaded = torch.jit.load(path)
         with torch.no_grad():
             same = all(compare_outputs(e, loaded(x))["ok"] for e, x in zip(eager, imgs))
-        rows.append(("(b) ours, TorchScript", benchmark_exported(loaded, imgs, warmup, iters), same))
+        rows.append(
+            ("(b) ours, TorchScript", benchmark_exported(loaded, imgs, warmup, iters), same)
+        )
         try:
             import onnxruntime as ort
         except ImportError:
             ort = None
         on_cuda = next(models["b"].parameters()).is_cuda
         if on_cuda:  # a CUDA trace run by onnxruntime on the CPU would compare GPU with CPU numbers
-            print("\n(ONNX row skipped on --device cuda: this benchmark runs onnxruntime on the CPU only)")
+            print(
+                "\n(ONNX row skipped on --device cuda: this benchmark runs onnxruntime on the CPU "
+                "only)"
+            )
         if ort is not None and not on_cuda:
             path = os.path.join(tmp, "model.onnx")
             export_onnx(wrapper, imgs[0], path)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = torch.get_num_threads()
             sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
             def run_onnx(x):
                 return sess.run(None, {"image": x.float().numpy()})
 
@@ -619,10 +722,18 @@ def print_exported(models, images, warmup, iters):
                 compare_outputs(e, [torch.from_numpy(o) for o in run_onnx(x)])["ok"]
                 for e, x in zip(eager, imgs)
             )
-            rows.append(("(b) ours, ONNX (onnxruntime)", benchmark_exported(run_onnx, imgs, warmup, iters), same))
+            rows.append(
+                (
+                    "(b) ours, ONNX (onnxruntime)",
+                    benchmark_exported(run_onnx, imgs, warmup, iters),
+                    same,
+                )
+            )
     n = iters * len(imgs)
-    print(f"\nexported model (trace of (b); single-image calls, median of {n}; 'equal': outputs "
-          "= (b)'s eager wrapper to 1e-4 on every image)")
+    print(
+        f"\nexported model (trace of (b); single-image calls, median of {n}; 'equal': outputs "
+        "= (b)'s eager wrapper to 1e-4 on every image)"
+    )
     print(f"{'(a) Detectron2, eager':<36}{_ms(t_a):>10} ms   1.00x")
     for name, t, same in rows:
         eq = same if same == "-" else ("equal" if same else "DIFFERENT")
@@ -630,28 +741,42 @@ def print_exported(models, images, warmup, iters):
 
 
 def print_breakdown(res):
-    print("\nper-component breakdown, median ms per image (ratio: (c) / (a), share: of (c)'s total)")
+    print(
+        "\nper-component breakdown, median ms per image (ratio: (c) / (a), share: of (c)'s total)"
+    )
     labels = list(res["a"]["rows"][0].keys())
-    med = {k: {lab: statistics.median(row[lab] for row in r["rows"]) for lab in labels}
-           for k, r in res.items()}
-    print(f"{'component':<42}{'(a)':>9}{'(b)':>9}{'(c)':>9}{'(b)/(a)':>9}{'(c)/(a)':>9}{'share (c)':>10}")
+    med = {
+        k: {lab: statistics.median(row[lab] for row in r["rows"]) for lab in labels}
+        for k, r in res.items()
+    }
+    print(
+        f"{'component':<42}{'(a)':>9}{'(b)':>9}{'(c)':>9}{'(b)/(a)':>9}{'(c)/(a)':>9}"
+        f"{'share (c)':>10}"
+    )
     for lab in labels:
         a, b, c = med["a"][lab], med["b"][lab], med["c"][lab]
-        ratio = lambda x: f"{x / a:8.2f}x" if a > 1e-4 else f"{'-':>9}"  # noqa: E731
-        print(f"{lab:<42}{_ms(a)}{_ms(b)}{_ms(c)}{ratio(b)}{ratio(c)}"
-              f"{100 * c / med['c']['total']:9.1f}%")
+        ratio = functools.partial(_ratio, base=a)
+        print(
+            f"{lab:<42}{_ms(a)}{_ms(b)}{_ms(c)}{ratio(b)}{ratio(c)}"
+            f"{100 * c / med['c']['total']:9.1f}%"
+        )
     return med
 
 
 def print_training(res, batch_size, device, warmup):
     mem_label = "CUDA peak MiB (+iter)" if device == "cuda" else "peak RSS MiB (+iter)"
     base = statistics.median(res["a"]["it"])
-    print(f"\ntraining, batch {batch_size}: forward + backward + SGD step, "
-          f"median of {len(res['a']['it'])} iteration(s) after {warmup} warm-up")
+    print(
+        f"\ntraining, batch {batch_size}: forward + backward + SGD step, "
+        f"median of {len(res['a']['it'])} iteration(s) after {warmup} warm-up"
+    )
     print(f"{'model':<28}{'s/iter':>9}{'vs (a)':>8}   {mem_label}")
     for k, r in res.items():
         med = statistics.median(r["it"])
-        print(f"{MODEL_NAMES[k]:<28}{med:9.2f}{med / base:7.2f}x   {_mib(r['peak'])} ({r['delta'] / 2**20:+.0f})")
+        print(
+            f"{MODEL_NAMES[k]:<28}{med:9.2f}{med / base:7.2f}x   {_mib(r['peak'])} "
+            f"({r['delta'] / 2**20:+.0f})"
+        )
 
 
 # ----------------------------------------------------------------------------- main
@@ -666,8 +791,9 @@ def main(argv=None):
     # R50-size configs (short side >= 600) are slow on a CPU: few runs; small configs: more
     warmup = args.warmup if args.warmup is not None else (1 if big or args.quick else 2)
     iters = args.iters if args.iters is not None else (2 if args.quick else 3 if big else 10)
-    train_iters = args.train_iters if args.train_iters is not None else (
-        1 if args.quick or big else 4)
+    train_iters = (
+        args.train_iters if args.train_iters is not None else (1 if args.quick or big else 4)
+    )
     train_warmup = 0 if args.quick else 1
     quick_note = ""
     if args.quick and big:  # smoke run of an R50-size config: a smaller problem
@@ -676,8 +802,10 @@ def main(argv=None):
         cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 128
         if args.detections is None:
             cfg.TEST.DETECTIONS_PER_IMAGE = 20
-        quick_note = (" [--quick: short side 320, RPN post-NMS top-k 300 test / 500 train, "
-                      "128 sampled ROIs, 20 detections unless given]")
+        quick_note = (
+            " [--quick: short side 320, RPN post-NMS top-k 300 test / 500 train, "
+            "128 sampled ROIs, 20 detections unless given]"
+        )
     elif args.quick:
         quick_note = " [--quick]"
     short = args.image_size or (320 if args.quick and big else cfg.INPUT.MIN_SIZE_TEST)
@@ -696,27 +824,48 @@ def main(argv=None):
 
     source = f"weights {args.weights}" if args.weights else f"random weights, seed {args.seed}"
     print(f"config: {os.path.relpath(path, ROOT)} {' '.join(args.opts)}  ({source})")
-    print("ours (b), (c): MODEL.CMRCNN " + ", ".join(
-        f"{k}={v}" for k, v in cfg.MODEL.CMRCNN.items() if k not in ("MASK_STAGES", "TEST_MASK_MERGE")))
-    print(f"device: {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else
-                                      f", {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
-          + f"; torch {torch.__version__}, detectron2 {detectron2.__version__}")
-    print(f"images: {h} x {w}, batch 1; {dets} detections per image at most "
-          f"(SCORE_THRESH_TEST {cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST:g}); "
-          f"RPN post-NMS top-k {cfg.MODEL.RPN.POST_NMS_TOPK_TEST}; warm-up {warmup}, timed runs {iters}"
-          + quick_note)
-    print("load average at start: %.1f %.1f %.1f (timings are wall clock: other processes on the "
-          "machine slow every model alike, round-robin, but widen the IQR)" % os.getloadavg())
+    print(
+        "ours (b), (c): MODEL.CMRCNN "
+        + ", ".join(
+            f"{k}={v}"
+            for k, v in cfg.MODEL.CMRCNN.items()
+            if k not in ("MASK_STAGES", "TEST_MASK_MERGE")
+        )
+    )
+    print(
+        f"device: {args.device}"
+        + (
+            f" ({torch.cuda.get_device_name()})"
+            if args.device == "cuda"
+            else f", {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs"
+        )
+        + f"; torch {torch.__version__}, detectron2 {detectron2.__version__}"
+    )
+    print(
+        f"images: {h} x {w}, batch 1; {dets} detections per image at most "
+        f"(SCORE_THRESH_TEST {cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST:g}); "
+        f"RPN post-NMS top-k {cfg.MODEL.RPN.POST_NMS_TOPK_TEST}; warm-up {warmup}, "
+        f"timed runs {iters}" + quick_note
+    )
+    print(
+        "load average at start: %.1f %.1f %.1f (timings are wall clock: other processes on the "
+        "machine slow every model alike, round-robin, but widen the IQR)" % os.getloadavg()
+    )
     if os.getloadavg()[0] > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
-        print("WARNING: the machine is busy; with several torch threads OpenMP then slows down a lot "
-              "and erratically: --threads 1 gives steadier numbers")
+        print(
+            "WARNING: the machine is busy; with several torch threads OpenMP then slows down a lot "
+            "and erratically: --threads 1 gives steadier numbers"
+        )
     t_start = time.perf_counter()
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     n_img = max([2] + batch_sizes)
     images = make_images(n_img, h, w, args.seed, num_classes)
     models = build_models(cfg, args.seed, images[0], args.weights)
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-    print("parameters: " + ", ".join(f"{MODEL_NAMES[k].split()[0]} {v / 1e6:.2f} M" for k, v in n_params.items()))
+    print(
+        "parameters: "
+        + ", ".join(f"{MODEL_NAMES[k].split()[0]} {v / 1e6:.2f} M" for k, v in n_params.items())
+    )
 
     checker = OutputChecker()
     res = run_inference(models, images, warmup, iters, args.device, checker)
@@ -736,14 +885,21 @@ def main(argv=None):
         run_scaling(args, cfg, models, warmup, max(2, iters - 1), train_warmup, train_iters)
 
     print("load average at end: %.1f %.1f %.1f" % os.getloadavg())
-    print(f"\nprocess peak RSS (getrusage): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB;"
-          f" wall time {time.perf_counter() - t_start:.0f} s")
+    print(
+        "\nprocess peak RSS (getrusage): "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB;"
+        f" wall time {time.perf_counter() - t_start:.0f} s"
+    )
     for k in ("b", "c"):
         t = med[k]
-        top = sorted(((v, lab) for lab, v in t.items() if lab != "total" and not lab.startswith("  ")),
-                     reverse=True)[:4]
-        print(f"largest inference costs in {k} ({MODEL_NAMES[k][4:]}): "
-              + ", ".join(f"{lab} {100 * v / t['total']:.0f}%" for v, lab in top))
+        top = sorted(
+            ((v, lab) for lab, v in t.items() if lab != "total" and not lab.startswith("  ")),
+            reverse=True,
+        )[:4]
+        print(
+            f"largest inference costs in {k} ({MODEL_NAMES[k][4:]}): "
+            + ", ".join(f"{lab} {100 * v / t['total']:.0f}%" for v, lab in top)
+        )
     if not ok:
         print("OUTPUT CHECK FAILED: (a) and (b) differ")
     return 0 if ok else 1
@@ -755,12 +911,18 @@ def run_scaling(args, cfg, models, warmup, iters, train_warmup, train_iters):
 
     def table(title, settings, run):
         print(f"\n{title}")
-        print(f"{'setting':<22}" + "".join(f"{MODEL_NAMES[k].split()[0] + ' ms':>11}" for k in models)
-              + f"{'(b)/(a)':>9}{'(c)/(a)':>9}")
+        print(
+            f"{'setting':<22}"
+            + "".join(f"{MODEL_NAMES[k].split()[0] + ' ms':>11}" for k in models)
+            + f"{'(b)/(a)':>9}{'(c)/(a)':>9}"
+        )
         for label, res in ((lab, run(s)) for lab, s in settings):
             med = {k: statistics.median(r) for k, r in res.items()}
-            print(f"{label:<22}" + "".join(f"{1000 * med[k]:11.1f}" for k in models)
-                  + f"{med['b'] / med['a']:8.2f}x{med['c'] / med['a']:8.2f}x")
+            print(
+                f"{label:<22}"
+                + "".join(f"{1000 * med[k]:11.1f}" for k in models)
+                + f"{med['b'] / med['a']:8.2f}x{med['c'] / med['a']:8.2f}x"
+            )
 
     dets = cfg.TEST.DETECTIONS_PER_IMAGE
 
@@ -770,8 +932,11 @@ def run_scaling(args, cfg, models, warmup, iters, train_warmup, train_iters):
         r = run_inference(models, imgs, warmup, iters, args.device)
         return {k: v["lat"] for k, v in r.items()}
 
-    table(f"inference vs image size ({dets} detections)",
-          [(f"{'x'.join(map(str, image_shape(cfg, s)))}", s) for s in (512, 800, 1333)], by_size)
+    table(
+        f"inference vs image size ({dets} detections)",
+        [(f"{'x'.join(map(str, image_shape(cfg, s)))}", s) for s in (512, 800, 1333)],
+        by_size,
+    )
 
     short = args.image_size or cfg.INPUT.MIN_SIZE_TEST
     h, w = image_shape(cfg, short)
@@ -786,8 +951,11 @@ def run_scaling(args, cfg, models, warmup, iters, train_warmup, train_iters):
         print(f"  ({n} requested: {statistics.mean(r['a']['dets']):.0f} detections/image produced)")
         return {k: v["lat"] for k, v in r.items()}
 
-    table(f"inference vs detections per image ({h}x{w})", [(f"{n} detections", n) for n in (10, 100, 300)],
-          by_dets)
+    table(
+        f"inference vs detections per image ({h}x{w})",
+        [(f"{n} detections", n) for n in (10, 100, 300)],
+        by_dets,
+    )
 
     imgs4 = make_images(4, h, w, args.seed, num_classes)
 
@@ -795,8 +963,10 @@ def run_scaling(args, cfg, models, warmup, iters, train_warmup, train_iters):
         r = run_training(models, imgs4, bs, train_warmup, train_iters, args.device)
         return {k: v["it"] for k, v in r.items()}
 
-    print(f"\n(training rows: seconds per iteration x 1000, {h}x{w}, warm-up {train_warmup}, "
-          f"{train_iters} timed)")
+    print(
+        f"\n(training rows: seconds per iteration x 1000, {h}x{w}, warm-up {train_warmup}, "
+        f"{train_iters} timed)"
+    )
     table("training vs batch size", [(f"batch {b}", b) for b in (1, 2, 4)], by_batch)
 
 

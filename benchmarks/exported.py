@@ -1,4 +1,5 @@
 """Timing a model one image at a time: eager, TorchScript or ONNX Runtime (bench_inference.py)."""
+
 import os
 import statistics
 import time

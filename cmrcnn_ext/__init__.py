@@ -7,12 +7,15 @@
 
 and exposes :func:`add_cmrcnn_config`, which adds the ``MODEL.CMRCNN.*`` keys to a config.
 """
-from cmrcnn_ext import compat  # noqa: F401  (run-time fixes for Detectron2 v0.6; see compat.py)
-from cmrcnn_ext import model_zoo  # noqa: F401  (the packaged configs, by name)
-from cmrcnn_ext.config.defaults import add_cmrcnn_config
-from cmrcnn_ext.modeling.mask_head import CMRCNNConvUpsampleHead
-from cmrcnn_ext.modeling.roi_heads import CascadeMaskROIHeads
-from cmrcnn_ext.config.validate import ConfigError, validate_config
+
+from cmrcnn_ext import compat
+
+compat.import_detectron2_quietly()  # before anything else imports Detectron2
+from cmrcnn_ext import model_zoo  # noqa: E402, F401  (the packaged configs, by name)
+from cmrcnn_ext.config.defaults import add_cmrcnn_config  # noqa: E402
+from cmrcnn_ext.config.validate import ConfigError, validate_config  # noqa: E402
+from cmrcnn_ext.modeling.mask_head import CMRCNNConvUpsampleHead  # noqa: E402
+from cmrcnn_ext.modeling.roi_heads import CascadeMaskROIHeads  # noqa: E402
 
 __version__ = "0.1.0"
 

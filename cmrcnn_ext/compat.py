@@ -1,17 +1,37 @@
-"""Run-time compatibility of cmrcnn_ext with the installed Detectron2.
+"""Run-time compatibility of cmrcnn_ext with the installed Detectron2: the one place that touches
+Detectron2's private names or replaces its module globals.
 
 cmrcnn_ext supports official Detectron2 (built from its git repository, with the compiled
 ``detectron2._C``) and Detectron2 v0.6 installed Python-only from the ``pb1-detectron2`` sdist by
 ``tools/install_detectron2.py``. The fixes that must hold when ``detectron2`` is imported on its
 own (import errors on Pillow >= 10 / numpy >= 1.24 / Python 3.11, the missing ``_C``) are applied
-by that installer to the installed source. This module holds what is decided at run time; each
-function does nothing where the installed Detectron2 is already right.
+by that installer to the installed source. This module holds what is decided at run time: each
+function says why it is needed and when it can be deleted, and does nothing where the installed
+Detectron2 is already right.
 """
+
 import contextlib
 import functools
 import logging
 
 logger = logging.getLogger(__name__)
+
+
+def import_detectron2_quietly() -> None:
+    """Import Detectron2's layers without torch's ``torch.jit.script`` deprecation warnings.
+
+    Why: fvcore and Detectron2 call ``torch.jit.script`` at import time (``fvcore.nn``,
+    ``detectron2.layers``); torch >= 2.10 warns twice for it, on every command. Only that
+    message, only during this import, is silenced. Delete when they stop scripting at import.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+        )
+        import detectron2.layers  # noqa: F401
+        import detectron2.modeling  # noqa: F401
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,3 +107,76 @@ def coco_ap_function(replacement):
         yield
     finally:
         coco_evaluation._evaluate_predictions_on_coco = original
+
+
+@contextlib.contextmanager
+def cascade_final_nms(replacement):
+    """Inside the block, Detectron2's ``CascadeROIHeads._forward_box`` runs its final per-class
+    NMS with ``replacement`` (same signature as ``fast_rcnn_inference``).
+
+    Why: the cascade's test-time box inference calls the module global ``fast_rcnn_inference``
+    of ``detectron2.modeling.roi_heads.cascade_rcnn``, with no argument to choose another;
+    swapping it keeps Detectron2's stage loop instead of a copy. ``replacement`` (cmrcnn_ext's
+    prefix NMS) returns the same detections, so another model running in another thread at the
+    same time gets the same results. Delete when the cascade heads take the inference function
+    as an argument.
+    """
+    from detectron2.modeling.roi_heads import cascade_rcnn
+
+    original = cascade_rcnn.fast_rcnn_inference
+    cascade_rcnn.fast_rcnn_inference = replacement
+    try:
+        yield
+    finally:
+        cascade_rcnn.fast_rcnn_inference = original
+
+
+def set_local_process_group_v06(group) -> None:
+    """Detectron2 v0.6: make ``comm.get_local_rank()`` / ``get_local_size()`` work in workers
+    that cmrcnn_ext's launcher started (torchrun, CPU processes).
+
+    Why: v0.6 reads the private module attribute ``comm._LOCAL_PROCESS_GROUP``, which only its own
+    ``launch()`` sets (main has ``comm.create_local_process_group``, used instead where it
+    exists). Delete with Detectron2 v0.6 support.
+    """
+    from detectron2.utils import comm
+
+    if getattr(comm, "_LOCAL_PROCESS_GROUP", None) is not None:
+        raise RuntimeError("Detectron2's local process group already exists in this process.")
+    comm._LOCAL_PROCESS_GROUP = group
+
+
+def inner_trainer(trainer):
+    """The ``SimpleTrainer`` / ``AMPTrainer`` that a ``DefaultTrainer`` runs its steps with.
+
+    Why: ``DefaultTrainer`` keeps it in the private ``_trainer`` and has no builder method for it;
+    cmrcnn_ext replaces it by its CPU bfloat16 trainer. Delete when ``DefaultTrainer`` lets a
+    subclass build its inner trainer.
+    """
+    return trainer._trainer
+
+
+def set_inner_trainer(trainer, inner) -> None:
+    """Replace a ``DefaultTrainer``'s inner trainer (see :func:`inner_trainer`)."""
+    trainer._trainer = inner
+
+
+def add_inner_trainer_state(trainer, state: dict) -> dict:
+    """``state`` (a ``DefaultTrainer.state_dict()``) with the inner trainer's state (the
+    optimizer's) under ``"_trainer"``.
+
+    Why: Detectron2 v0.6's ``DefaultTrainer`` checkpoints only the iteration and the hooks'
+    states, so the optimizer (momentum, the LR of the next iteration) was lost on resume; main
+    saves ``"_trainer"`` itself (then nothing is added). Delete with v0.6 support.
+    """
+    if "_trainer" not in state:
+        state["_trainer"] = inner_trainer(trainer).state_dict()
+    return state
+
+
+def load_inner_trainer_state(trainer, state: dict) -> None:
+    """Load what :func:`add_inner_trainer_state` saved, where Detectron2 does not (v0.6)."""
+    from detectron2.engine import DefaultTrainer
+
+    if "_trainer" in state and "load_state_dict" not in DefaultTrainer.__dict__:
+        inner_trainer(trainer).load_state_dict(state["_trainer"])

@@ -12,6 +12,7 @@ any folder::
 Every command's ``--config-file`` accepts such a name as well as a path
 (:func:`resolve_config_file`).
 """
+
 import os
 from typing import List
 
@@ -57,7 +58,7 @@ def get_config_file(name: str) -> str:
     """
     rel = name.replace("\\", "/").lstrip("/")
     if rel.startswith("configs/"):  # a repository-relative path used from another folder
-        rel = rel[len("configs/"):]
+        rel = rel[len("configs/") :]
     for candidate in (rel, rel + ".yaml"):
         path = os.path.join(CONFIG_DIR, *candidate.split("/"))
         if candidate.endswith(_CONFIG_SUFFIXES) and os.path.isfile(path):
@@ -93,8 +94,9 @@ def get_config(name: str):
         from detectron2.config import LazyConfig
 
         return LazyConfig.load(path)
-    from cmrcnn_ext.config.defaults import add_cmrcnn_config
     from detectron2.config import get_cfg
+
+    from cmrcnn_ext.config.defaults import add_cmrcnn_config
 
     cfg = add_cmrcnn_config(get_cfg())
     cfg.merge_from_file(path)

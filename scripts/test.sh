@@ -23,8 +23,9 @@ for leg in $LEGS; do
     source scripts/env.sh || { rc=$?; [ "$rc" -eq 3 ] && exit 97; exit "$rc"; }
     python -c "import detectron2, torch; print('[test] detectron2', detectron2.__version__, 'at', detectron2.__file__, '| torch', torch.__version__)"
     if [ "$first" = 1 ]; then
-      echo "[test] ruff check (lint)"
+      echo "[test] ruff check (lint) and ruff format --check (formatting)"
       ruff check . || exit 1
+      ruff format --check . || exit 1
     fi
     python -m pytest tests "$@"
   ) || rc=$?

@@ -1,13 +1,14 @@
 """Shared fixtures: tiny configs and synthetic batches, all on the CPU and seeded."""
+
 import os
 import sys
 
 import numpy as np
 import pytest
 import torch
+from detectron2.structures import BitMasks, Boxes, Instances
 
 import cmrcnn_ext
-from detectron2.structures import BitMasks, Boxes, Instances
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fixtures shared with the benchmarks (e.g. synthetic_results: an evaluation set with predictions)
@@ -24,13 +25,20 @@ def tiny_cfg(*opts, config=DEMO_CONFIG):
     cfg.merge_from_file(config)
     cfg.merge_from_list(
         [
-            "MODEL.DEVICE", "cpu",
-            "INPUT.MIN_SIZE_TEST", 128,
-            "INPUT.MAX_SIZE_TEST", 128,
-            "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64,
-            "MODEL.RPN.POST_NMS_TOPK_TEST", 64,
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
-            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+            "MODEL.DEVICE",
+            "cpu",
+            "INPUT.MIN_SIZE_TEST",
+            128,
+            "INPUT.MAX_SIZE_TEST",
+            128,
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+            64,
+            "MODEL.RPN.POST_NMS_TOPK_TEST",
+            64,
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+            32,
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+            0.0,
         ]
         + list(opts)
     )

@@ -1,10 +1,11 @@
 """MODEL.CMRCNN.PREFIX_NMS: the same detections as Detectron2's fast_rcnn_inference."""
+
 import pytest
 import torch
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 
 import cmrcnn_ext.modeling.box_inference as bi
 from cmrcnn_ext.modeling.box_inference import fast_rcnn_inference_prefix, prefix_batched_nms
-from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 
 
 def candidates(rows, classes, per_class_boxes=True, seed=0, clusters=6, size=(480, 640)):
@@ -33,8 +34,14 @@ def assert_same(ours, theirs):
         assert torch.equal(a.scores, b.scores)
 
         def rows(inst, idx):
-            return sorted(zip(inst.scores.tolist(), idx.tolist(), inst.pred_classes.tolist(),
-                              map(tuple, inst.pred_boxes.tensor.tolist())))
+            return sorted(
+                zip(
+                    inst.scores.tolist(),
+                    idx.tolist(),
+                    inst.pred_classes.tolist(),
+                    map(tuple, inst.pred_boxes.tensor.tolist()),
+                )
+            )
 
         assert rows(a, ia) == rows(b, ib)
         if len(set(a.scores.tolist())) == len(a):  # no ties: identical order too
@@ -42,13 +49,21 @@ def assert_same(ours, theirs):
             assert torch.equal(a.pred_classes, b.pred_classes) and torch.equal(ia, ib)
 
 
-@pytest.mark.parametrize("rows,classes,per_class", [(1000, 80, True), (300, 5, True), (200, 5, False),
-                                                     (50, 3, True)])
+@pytest.mark.parametrize(
+    "rows,classes,per_class", [(1000, 80, True), (300, 5, True), (200, 5, False), (50, 3, True)]
+)
 @pytest.mark.parametrize("thresh,topk", [(0.0, 100), (0.05, 100), (0.0, 10), (0.3, 100), (0.0, -1)])
 def test_equals_detectron2(rows, classes, per_class, thresh, topk):
     for seed in range(3):
         boxes, scores, size = candidates(rows, classes, per_class, seed=seed)
-        args = ([boxes, boxes[:rows // 2]], [scores, scores[:rows // 2]], [size, size], thresh, 0.5, topk)
+        args = (
+            [boxes, boxes[: rows // 2]],
+            [scores, scores[: rows // 2]],
+            [size, size],
+            thresh,
+            0.5,
+            topk,
+        )
         ours = fast_rcnn_inference_prefix(*args)
         assert_same(ours, fast_rcnn_inference(*args))
         if topk > 0:
@@ -83,8 +98,9 @@ def test_non_finite_rows_and_no_candidates():
     args = ([boxes], [scores], [size], 1.0, 0.5, 100)  # no score above 1
     (res,), (rows,) = fast_rcnn_inference_prefix(*args)
     assert len(res) == 0 and rows.shape == (0,)
-    assert prefix_batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long),
-                              0.5, 10).shape == (0,)
+    assert prefix_batched_nms(
+        torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5, 10
+    ).shape == (0,)
 
 
 def test_classes_never_suppress_each_other():

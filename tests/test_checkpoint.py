@@ -1,5 +1,6 @@
 """Initial weights in every layout, clear errors, weights_only loading and atomic saving
 (cmrcnn_ext/checkpoint.py)."""
+
 import argparse
 import io
 import logging
@@ -9,22 +10,22 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from conftest import tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+from torch import nn
 
-from cmrcnn_ext.engine.checkpoint import (
-    CheckpointError,
-    CMRCNNCheckpointer,
-    convert_torchvision_resnet,
-    is_torchvision_resnet,
-)
-from cmrcnn_ext.engine.checkpoint import main as checkpoint_main
+from cmrcnn_ext.engine.checkpoint import CheckpointError, CMRCNNCheckpointer
+from cmrcnn_ext.engine.torchvision_weights import convert_torchvision_resnet, is_torchvision_resnet
+
+from conftest import tiny_cfg
 
 # Detectron2's built-in cascade, as in its model zoo's Misc/cascade_mask_rcnn_R_50_FPN_*
-BUILTIN = ("MODEL.ROI_HEADS.NAME", "CascadeROIHeads", "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead")
+BUILTIN = (
+    "MODEL.ROI_HEADS.NAME",
+    "CascadeROIHeads",
+    "MODEL.ROI_MASK_HEAD.NAME",
+    "MaskRCNNConvUpsampleHead",
+)
 # what torchvision's ResNets need in Detectron2
 TORCHVISION = ("MODEL.RESNETS.NORM", "FrozenBN", "MODEL.RESNETS.STRIDE_IN_1X1", False)
 MASK_HEAD = "roi_heads.mask_head."
@@ -68,11 +69,18 @@ def log_text():
 
 @pytest.mark.parametrize("heuristics", [False, True])
 def test_model_zoo_cascade_pkl_loads_every_tensor(tmp_path, builtin_state, log_text, heuristics):
-    for key in ["roi_heads.box_head.0.fc1.weight", "roi_heads.box_predictor.2.cls_score.weight",
-                "roi_heads.mask_head.mask_fcn1.weight", "backbone.bottom_up.res2.0.conv1.weight"]:
-        assert key in builtin_state  # the model zoo's layout  # fmt: skip
-    path = _zoo_pkl(tmp_path / "model_final.pkl", builtin_state,
-                    **({"matching_heuristics": True} if heuristics else {}))  # fmt: skip
+    for key in [
+        "roi_heads.box_head.0.fc1.weight",
+        "roi_heads.box_predictor.2.cls_score.weight",
+        "roi_heads.mask_head.mask_fcn1.weight",
+        "backbone.bottom_up.res2.0.conv1.weight",
+    ]:
+        assert key in builtin_state  # the model zoo's layout
+    path = _zoo_pkl(
+        tmp_path / "model_final.pkl",
+        builtin_state,
+        **({"matching_heuristics": True} if heuristics else {}),
+    )
     model = _model(seed=2)
     assert model.state_dict().keys() == builtin_state.keys()
     CMRCNNCheckpointer(model).load(path)
@@ -90,7 +98,9 @@ def test_one_mask_head_to_every_stage_and_back(tmp_path, builtin_state, log_text
     state = model.state_dict()
     for key in heads:
         for stage in range(3):
-            assert torch.equal(state[key.replace(MASK_HEAD, f"{MASK_HEAD}{stage}.")], builtin_state[key])
+            assert torch.equal(
+                state[key.replace(MASK_HEAD, f"{MASK_HEAD}{stage}.")], builtin_state[key]
+            )
     for key in set(builtin_state) - set(heads):
         assert torch.equal(state[key], builtin_state[key]), key
     assert "copied it to the mask heads of stages 1, 2, 3" in log_text()
@@ -98,7 +108,9 @@ def test_one_mask_head_to_every_stage_and_back(tmp_path, builtin_state, log_text
 
     # per-stage heads -> one head: the last stage's
     staged = _model("MODEL.CMRCNN.MASK_STAGES", "all", seed=3).state_dict()
-    assert not torch.equal(staged[MASK_HEAD + "0.predictor.weight"], staged[MASK_HEAD + "2.predictor.weight"])
+    assert not torch.equal(
+        staged[MASK_HEAD + "0.predictor.weight"], staged[MASK_HEAD + "2.predictor.weight"]
+    )
     torch.save({"model": staged, "iteration": 99}, tmp_path / "staged.pth")
     single = _model(seed=4)
     CMRCNNCheckpointer(single).load(str(tmp_path / "staged.pth"))
@@ -108,15 +120,18 @@ def test_one_mask_head_to_every_stage_and_back(tmp_path, builtin_state, log_text
     assert "loaded the last stage's (stage 3) head" in log_text()
 
 
-def test_other_number_of_classes_skips_only_class_dependent_tensors(tmp_path, builtin_state, log_text):
+def test_other_number_of_classes_skips_only_class_dependent_tensors(
+    tmp_path, builtin_state, log_text
+):
     path = _zoo_pkl(tmp_path / "five_classes.pkl", builtin_state)
     model = _model("MODEL.ROI_HEADS.NUM_CLASSES", 3, seed=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     CMRCNNCheckpointer(model).load(path)
     state = model.state_dict()
     skipped = {k for k in state if state[k].shape != builtin_state[k].shape}
-    assert skipped == {f"roi_heads.box_predictor.{s}.cls_score.{p}" for s in range(3) for p in ("weight", "bias")} | {
-        MASK_HEAD + "predictor.weight", MASK_HEAD + "predictor.bias"}  # fmt: skip
+    assert skipped == {
+        f"roi_heads.box_predictor.{s}.cls_score.{p}" for s in range(3) for p in ("weight", "bias")
+    } | {MASK_HEAD + "predictor.weight", MASK_HEAD + "predictor.bias"}
     for key in state:
         expected = before[key] if key in skipped else builtin_state[key]  # bbox_pred: loaded
         assert torch.equal(state[key], expected), key
@@ -158,7 +173,9 @@ def test_torchvision_resnet_is_detected_and_converted(tmp_path, log_text, depth)
 
     state = model.state_dict()
     converted = convert_torchvision_resnet(tv_state)
-    kept = [k for k in tv_state if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    kept = [
+        k for k in tv_state if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    ]
     assert len(converted) == len(kept)
     assert set(converted) == {k for k in state if k.startswith("backbone.bottom_up.")}  # all of it
     for key, value in converted.items():
@@ -176,33 +193,21 @@ def test_torchvision_resnet_is_detected_and_converted(tmp_path, log_text, depth)
     # and it is the same network
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(model.backbone.bottom_up(x)["res5"], _trunk(net, x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            model.backbone.bottom_up(x)["res5"], _trunk(net, x), atol=1e-4, rtol=1e-4
+        )
 
 
-def test_convert_torchvision_command_line(tmp_path, capsys):
+def test_ddp_saved_torchvision_resnet_loads_directly(tmp_path):
+    """A torchvision ResNet state_dict saved from DistributedDataParallel ("module." names) is
+    MODEL.WEIGHTS as it is: no separate conversion step."""
     tv_state = _torchvision_resnet(18).state_dict()
-    torch.save({"module." + k: v for k, v in tv_state.items()}, tmp_path / "r18.pth")  # DDP-saved
-    out = tmp_path / "out" / "r18_d2.pkl"
-    # python -m cmrcnn_ext.engine.checkpoint convert-torchvision IN OUT (in-process: saves a start-up)
-    assert checkpoint_main(["convert-torchvision", str(tmp_path / "r18.pth"), str(out)]) == 0
-    assert "STRIDE_IN_1X1 False" in capsys.readouterr().out
-    with open(out, "rb") as f:
-        data = pickle.load(f)
-    assert data["__author__"] == "torchvision" and not data["matching_heuristics"]
-    assert set(data["model"]) == set(convert_torchvision_resnet(tv_state))
+    torch.save({"module." + k: v for k, v in tv_state.items()}, tmp_path / "r18.pth")
     model = _model(*TORCHVISION)
-    CMRCNNCheckpointer(model).load(str(out))
+    CMRCNNCheckpointer(model).load(str(tmp_path / "r18.pth"))
     state = model.state_dict()
     for key, value in convert_torchvision_resnet(tv_state).items():
         assert torch.equal(state[key], value), key
-    # Detectron2's own checkpointer reads the file too (model-zoo .pkl layout)
-    model = _model(*TORCHVISION, seed=5)
-    DetectionCheckpointer(model).load(str(out))
-    assert torch.equal(model.state_dict()["backbone.bottom_up.res4.1.conv1.weight"], tv_state["layer3.1.conv1.weight"])
-    # a file that is not a torchvision ResNet: clear error, exit status 2
-    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
-    assert checkpoint_main(["convert-torchvision", str(tmp_path / "other.pth"), str(tmp_path / "x.pkl")]) == 2
-    assert not os.path.exists(tmp_path / "x.pkl")
 
 
 # ------------------------------------------------------------------------------ errors
@@ -240,7 +245,18 @@ def _bad_file(tmp_path, kind):
 
 
 @pytest.mark.parametrize(
-    "kind", ["missing", "folder", "json", "random", "empty", "truncated", "corrupt_pkl", "not_a_dict", "no_tensors"]
+    "kind",
+    [
+        "missing",
+        "folder",
+        "json",
+        "random",
+        "empty",
+        "truncated",
+        "corrupt_pkl",
+        "not_a_dict",
+        "no_tensors",
+    ],
 )
 def test_bad_files_give_a_clear_error(tmp_path, kind):
     path = _bad_file(tmp_path, kind)
@@ -263,12 +279,19 @@ def test_state_dict_and_training_checkpoint_load_with_weights_only(tmp_path, log
     src(torch.randn(5, 3)).sum().backward()
     optimizer.step()
     torch.save(src.state_dict(), tmp_path / "plain.pth")
-    torch.save({"model": src.state_dict(), "iteration": 5, "optimizer": optimizer.state_dict()}, tmp_path / "d2.pth")
-    torch.save({"model": {k: v.numpy() for k, v in src.state_dict().items()}}, tmp_path / "numpy.pth")
+    torch.save(
+        {"model": src.state_dict(), "iteration": 5, "optimizer": optimizer.state_dict()},
+        tmp_path / "d2.pth",
+    )
+    torch.save(
+        {"model": {k: v.numpy() for k, v in src.state_dict().items()}}, tmp_path / "numpy.pth"
+    )
 
     calls = []
     real_load = torch.load
-    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k))
+    monkeypatch.setattr(
+        torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k)
+    )
     for name in ["plain.pth", "d2.pth", "numpy.pth"]:
         model = _small(seed=2)
         extra = CMRCNNCheckpointer(model).load(str(tmp_path / name), checkpointables=[])
@@ -285,7 +308,9 @@ def test_state_dict_and_training_checkpoint_load_with_weights_only(tmp_path, log
     assert extra == {"iteration": 5}
     assert resumed.param_groups[0]["lr"] == 0.1
     for p_src, p_res in zip(src.parameters(), model.parameters()):
-        assert torch.equal(optimizer.state[p_src]["momentum_buffer"], resumed.state[p_res]["momentum_buffer"])
+        assert torch.equal(
+            optimizer.state[p_src]["momentum_buffer"], resumed.state[p_res]["momentum_buffer"]
+        )
 
 
 class _FakePathManager:
@@ -296,13 +321,17 @@ class _FakePathManager:
 def test_full_unpickling_only_for_files_the_user_named(tmp_path, log_text, monkeypatch):
     src = _small(seed=1)
     path = tmp_path / "old_style.pth"
-    torch.save({"model": src.state_dict(), "iteration": 5, "args": argparse.Namespace(lr=0.1)}, path)
+    torch.save(
+        {"model": src.state_dict(), "iteration": 5, "args": argparse.Namespace(lr=0.1)}, path
+    )
     model = _small(seed=2)
     extra = CMRCNNCheckpointer(model).load(str(path))
     assert torch.equal(model[0].weight, src[0].weight)
     assert extra["iteration"] == 5 and extra["args"].lr == 0.1
     text = log_text()
-    assert "argparse.Namespace" in text and "weights_only=False" in text and "RUNS PICKLE CODE" in text
+    assert (
+        "argparse.Namespace" in text and "weights_only=False" in text and "RUNS PICKLE CODE" in text
+    )
 
     with pytest.raises(CheckpointError, match="argparse.Namespace.*allow_pickle=False"):
         CMRCNNCheckpointer(_small(), allow_pickle=False).load(str(path))

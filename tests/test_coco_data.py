@@ -8,12 +8,11 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from PIL import Image
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data.dataset_mapper import DatasetMapper
 from detectron2.structures import Boxes, Instances
+from PIL import Image
 
 from cmrcnn_ext.data.coco import (
     CocoDataError,

@@ -3,6 +3,7 @@
 These tests exercise the installed detectron2 (a user's script imports it without cmrcnn_ext),
 so each fails if the corresponding install-time patch is missing.
 """
+
 import importlib.util
 import inspect
 import os
@@ -85,14 +86,15 @@ def test_model_zoo_configs_installed():
 
 
 def test_placeholder_C_fails_clearly():
-    from cmrcnn_ext import compat
     from detectron2 import _C
+
+    from cmrcnn_ext import compat
 
     if compat.has_compiled_ops():
         pytest.skip("official detectron2 with compiled ops is installed")
     assert _C.get_compiler_version().startswith("none")
     with pytest.raises(AttributeError, match="without its C\\+\\+ extension"):
-        _C.box_iou_rotated
+        _ = _C.box_iou_rotated
 
 
 def test_apply_patches_applies_once_and_leaves_fixed_code_alone(tmp_path):

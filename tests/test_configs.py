@@ -1,4 +1,5 @@
 """Every runnable config loads, builds and runs a forward pass; predictor and registration."""
+
 import glob
 import os
 import subprocess
@@ -8,15 +9,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-import cmrcnn_ext
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
+
+import cmrcnn_ext
 
 from conftest import CONFIGS, DEMO_CONFIG, ROOT, make_batch
 
 RUNNABLE = sorted(
-    p for p in glob.glob(os.path.join(CONFIGS, "*.yaml")) if not os.path.basename(p).startswith("Base-")
+    p
+    for p in glob.glob(os.path.join(CONFIGS, "*.yaml"))
+    if not os.path.basename(p).startswith("Base-")
 )
 
 

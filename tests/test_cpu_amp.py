@@ -4,6 +4,7 @@ Detectron2 v0.6's AMPTrainer asserts CUDA at its first step; cmrcnn_ext's Traine
 forward pass under ``torch.autocast("cpu", torch.bfloat16)`` instead, weights and checkpoints
 staying float32.
 """
+
 import os
 
 import torch
@@ -24,12 +25,16 @@ def test_cpu_amp_trains_in_bfloat16_and_saves_float32(tmp_path, monkeypatch):
             model = self.trainer.model
             model = getattr(model, "module", model)
             model.backbone.bottom_up.stem.conv1.register_forward_hook(
-                lambda m, i, o: seen.setdefault("stem", set()).add(o.dtype))
+                lambda m, i, o: seen.setdefault("stem", set()).add(o.dtype)
+            )
             model.roi_heads.box_predictor[2].cls_score.register_forward_hook(
-                lambda m, i, o: seen.setdefault("cls", set()).add(o.dtype))
+                lambda m, i, o: seen.setdefault("cls", set()).add(o.dtype)
+            )
 
         def after_step(self):
-            seen.setdefault("weights", set()).update(p.dtype for p in self.trainer.model.parameters())
+            seen.setdefault("weights", set()).update(
+                p.dtype for p in self.trainer.model.parameters()
+            )
 
     class ProbedTrainer(train_net.Trainer):
         def build_hooks(self):
@@ -38,7 +43,8 @@ def test_cpu_amp_trains_in_bfloat16_and_saves_float32(tmp_path, monkeypatch):
     monkeypatch.setattr(train_net, "Trainer", ProbedTrainer)
     out = tmp_path / "out"
     args = train_net.get_parser().parse_args(
-        train_argv(tmp_path / "data", out, ["SOLVER.MAX_ITER", 3, "SOLVER.AMP.ENABLED", True]))
+        train_argv(tmp_path / "data", out, ["SOLVER.MAX_ITER", 3, "SOLVER.AMP.ENABLED", True])
+    )
     train_net.main(args)
     # training forwards ran in bfloat16; evaluation (after training, no autocast) in float32
     assert torch.bfloat16 in seen["stem"] and torch.bfloat16 in seen["cls"]
@@ -48,7 +54,9 @@ def test_cpu_amp_trains_in_bfloat16_and_saves_float32(tmp_path, monkeypatch):
     assert max(losses) == 2  # metrics.json: the last iteration (written every 20)
     assert all(torch.isfinite(torch.tensor(r["total_loss"])) for r in losses.values())
     assert evaluation is not None and "segm/AP" in evaluation
-    state = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)["model"]
+    state = torch.load(
+        os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False
+    )["model"]
     assert all(v.dtype != torch.bfloat16 for v in state.values())
     assert not any(k.startswith("model.") for k in state)  # the autocast wrapper is not saved
     assert "backbone.bottom_up.stem.conv1.weight" in state
@@ -67,7 +75,8 @@ def test_cpu_amp_builds_no_cuda_grad_scaler(tmp_path, monkeypatch):
     make_data(tmp_path / "data", num_val=0)
     train_net = load_train_net()
     args = train_net.get_parser().parse_args(
-        train_argv(tmp_path / "data", tmp_path / "out", ["SOLVER.AMP.ENABLED", True], val=False))
+        train_argv(tmp_path / "data", tmp_path / "out", ["SOLVER.AMP.ENABLED", True], val=False)
+    )
     cfg = setup_cfg(args.config_file, command_line_opts(args))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

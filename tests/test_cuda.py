@@ -5,19 +5,20 @@ CPU versions of each check (test_layers.py, test_equivalence.py, test_export.py)
 Run them on a GPU machine with ``python -m pytest tests/test_cuda.py``. TF32 is switched off so
 that GPU convolutions and matrix products are plain float32 and comparable with the CPU.
 """
+
 import copy
 
 import pytest
 import torch
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from test_layers import make_rois
 from torchvision.ops import roi_align
 
 from cmrcnn_ext.export import ExportableCascadeMaskRCNN, compare_outputs, trace
 from cmrcnn_ext.modeling.roi_align import roi_align_gather
-from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
 
 from conftest import make_batch, tiny_cfg
-from test_layers import make_rois
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -75,9 +76,15 @@ def test_ours_equals_builtin_cascade_on_cuda(fast):
     """MASK_STAGES=first == Detectron2's CascadeROIHeads on the GPU: losses, gradients, outputs."""
     opts = ["MODEL.CMRCNN.MASK_STAGES", "first", "MODEL.CMRCNN.FAST_ROI_ALIGN", fast]
     ours = build_on("cuda", *opts)
-    d2_cfg = tiny_cfg("MODEL.DEVICE", "cuda", *opts,
-                      "MODEL.ROI_HEADS.NAME", "CascadeROIHeads",
-                      "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead")
+    d2_cfg = tiny_cfg(
+        "MODEL.DEVICE",
+        "cuda",
+        *opts,
+        "MODEL.ROI_HEADS.NAME",
+        "CascadeROIHeads",
+        "MODEL.ROI_MASK_HEAD.NAME",
+        "MaskRCNNConvUpsampleHead",
+    )
     d2 = build_model(d2_cfg)
     d2.load_state_dict(ours.state_dict())
     batch = to_cuda(make_batch(seed=0))
@@ -121,9 +128,11 @@ def test_cuda_inference_equals_cpu(mode):
         b = [o["instances"].to("cpu") for o in gpu(to_cuda(images))]
     total = 0
     for x, y in zip(a, b):
-        res = compare_outputs((x.pred_boxes.tensor, x.scores, x.pred_classes, x.pred_masks),
-                              (y.pred_boxes.tensor, y.scores, y.pred_classes, y.pred_masks),
-                              tol=1e-3)
+        res = compare_outputs(
+            (x.pred_boxes.tensor, x.scores, x.pred_classes, x.pred_masks),
+            (y.pred_boxes.tensor, y.scores, y.pred_classes, y.pred_masks),
+            tol=1e-3,
+        )
         assert res["ok"], res
         total += len(x)
     assert total > 0
@@ -153,7 +162,9 @@ def test_amp_training_on_cuda(mode):
         if not torch.equal(before, weight.detach()):
             break
     if mode == "all+mean":
-        assert {"loss_mask_stage0", "loss_mask_stage1", "loss_mask_stage2"} <= set(losses), sorted(losses)
+        assert {"loss_mask_stage0", "loss_mask_stage1", "loss_mask_stage2"} <= set(losses), sorted(
+            losses
+        )
     assert not torch.equal(before, weight.detach()), f"no step taken; scale {scaler.get_scale()}"
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -161,16 +172,28 @@ def test_amp_training_on_cuda(mode):
 @pytest.mark.parametrize("mode", ["first", "all+mean"])
 def test_traced_on_cuda_matches_eager(mode):
     torch.manual_seed(0)
-    cfg = tiny_cfg("MODEL.DEVICE", "cuda", *MODES[mode], "MODEL.RPN.POST_NMS_TOPK_TEST", 10,
-                   "MODEL.ROI_HEADS.NMS_THRESH_TEST", 0.3)
+    cfg = tiny_cfg(
+        "MODEL.DEVICE",
+        "cuda",
+        *MODES[mode],
+        "MODEL.RPN.POST_NMS_TOPK_TEST",
+        10,
+        "MODEL.ROI_HEADS.NMS_THRESH_TEST",
+        0.3,
+    )
     model = build_model(cfg).eval()
     wrapper = ExportableCascadeMaskRCNN(model, "bool")
     g = torch.Generator().manual_seed(1)
-    imgs = [(torch.rand(3, h, w, generator=g) * 255).cuda() for h, w in [(128, 128), (96, 128), (160, 112)]]
+    imgs = [
+        (torch.rand(3, h, w, generator=g) * 255).cuda()
+        for h, w in [(128, 128), (96, 128), (160, 112)]
+    ]
     traced = trace(wrapper, imgs[0])
     for img in imgs:
         with torch.no_grad():
-            inst = model.inference([{"image": img, "height": img.shape[1], "width": img.shape[2]}])[0]["instances"]
+            inst = model.inference([{"image": img, "height": img.shape[1], "width": img.shape[2]}])[
+                0
+            ]["instances"]
         ref = (inst.pred_boxes.tensor, inst.scores, inst.pred_classes, inst.pred_masks)
         out = traced(img)
         assert out[0].is_cuda

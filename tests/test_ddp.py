@@ -30,6 +30,7 @@ fault would give: summed instead of averaged gradients double the updates (diffe
 other images per iteration or unsynchronised ranks change them at the 1e-2 level or more (even
 the legitimate pooled-vs-per-image normalisation above is 1.9e-2).
 """
+
 import glob
 import json
 import os
@@ -48,25 +49,33 @@ from reliability_helpers import MODEL_OPTS, load_train_net, make_data, read_metr
 TOL = 1e-4
 
 EQUIVALENCE_OPTS = [
-    "SOLVER.MAX_ITER", 3,
-    "INPUT.RANDOM_FLIP", "none",
-    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", 100000,  # keep every anchor: no random sampling
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 4096,  # keep every proposal
+    "SOLVER.MAX_ITER",
+    3,
+    "INPUT.RANDOM_FLIP",
+    "none",
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE",
+    100000,  # keep every anchor: no random sampling
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    4096,  # keep every proposal
     # float32 SGD (the demo config trains with AdamW in bfloat16): AdamW's first steps are
     # ~lr * sign(gradient), which turns float rounding in near-zero gradients into whole steps,
     # and bfloat16 rounds far more than the 1e-4 this comparison of two summation orders allows
-    "SOLVER.CMRCNN_OPTIMIZER", "SGD",
-    "SOLVER.BASE_LR", 0.02,
-    "SOLVER.AMP.ENABLED", False,
-]  # fmt: skip
+    "SOLVER.CMRCNN.OPTIMIZER",
+    "SGD",
+    "SOLVER.BASE_LR",
+    0.02,
+    "SOLVER.AMP.ENABLED",
+    False,
+]
 
 
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
     """Synthetic train (8) / val (3) images of 64 px and a shared initial weights file."""
-    import cmrcnn_ext
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
+
+    import cmrcnn_ext
 
     root = tmp_path_factory.mktemp("ddp")
     with pytest.MonkeyPatch.context() as mp:
@@ -89,9 +98,9 @@ def _argv(root, out):
 def _dump_after_train(dump_dir):
     """Make Trainer.train save this process's weights and process-group facts."""
     import torch.distributed as dist
+    from detectron2.utils import comm
 
     from cmrcnn_ext.engine.trainer import Trainer
-    from detectron2.utils import comm
 
     original = Trainer.train
 
@@ -248,7 +257,6 @@ def test_distributed_evaluation_gathers_all_images_and_matches(runs):
 
 def _report_process_group():
     import torch.distributed as dist
-
     from detectron2.utils import comm
 
     return {
@@ -264,13 +272,19 @@ def test_launch_under_torchrun_environment_joins_its_process_group(monkeypatch):
     """What torchrun gives each worker (here a world of 1, in this process): launch() joins the
     group from the environment itself, ignores --num-gpus, sets up the local group."""
     import torch.distributed as dist
-
-    from cmrcnn_ext.engine import launch as launch_mod
     from detectron2.utils import comm
 
+    from cmrcnn_ext.engine import launch as launch_mod
+
     port = str(launch_mod._find_free_port())
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert launch_mod.started_by_torchrun()
@@ -283,16 +297,17 @@ def test_launch_under_torchrun_environment_joins_its_process_group(monkeypatch):
         comm._LOCAL_PROCESS_GROUP = None
         if hasattr(getattr(comm, "create_local_process_group", None), "cache_clear"):
             comm.create_local_process_group.cache_clear()  # Detectron2 main caches it
-    assert info == {"rank": 0, "world_size": 1, "local_rank": 0, "local_size": 1,
-                    "backend": "gloo"}  # fmt: skip
+    assert info == {"rank": 0, "world_size": 1, "local_rank": 0, "local_size": 1, "backend": "gloo"}
     for k in env:
         monkeypatch.delenv(k)
     assert not launch_mod.started_by_torchrun()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
-                    reason="torchrun not installed next to this Python")  # fmt: skip
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+    reason="torchrun not installed next to this Python",
+)
 def test_torchrun_two_processes(runs):
     """``torchrun --nproc_per_node=2 train_net.py``: same model as the 2-process launch above.
 
@@ -302,8 +317,12 @@ def test_torchrun_two_processes(runs):
     out = root / "torchrun"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.pop("OMP_NUM_THREADS", None)
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
-           "--nproc_per_node=2", os.path.join(ROOT, "train_net.py")] + _argv(root, out)  # fmt: skip
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(ROOT, "train_net.py"),
+    ] + _argv(root, out)
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     print(f"torchrun run: {time.perf_counter() - t:.1f} s")

@@ -1,4 +1,5 @@
 """train_net.py --deterministic: two CPU runs with the same SEED give identical losses."""
+
 import pytest
 import torch
 
@@ -32,9 +33,10 @@ def _losses_per_iteration(tmp_path, name, seed, monkeypatch, num_iter=NUM_ITER):
         def after_step(self):
             it = self.trainer.iter
             recorded[it] = {
-                k: v for k, (v, i) in self.trainer.storage.latest().items()
+                k: v
+                for k, (v, i) in self.trainer.storage.latest().items()
                 if i == it and ("loss" in k)
-            }  # fmt: skip
+            }
 
     class RecordingTrainer(train_net.Trainer):
         def build_hooks(self):
@@ -42,10 +44,14 @@ def _losses_per_iteration(tmp_path, name, seed, monkeypatch, num_iter=NUM_ITER):
 
     monkeypatch.setattr(train_net, "Trainer", RecordingTrainer)
     args = train_net.get_parser().parse_args(
-        train_argv(tmp_path / "data", tmp_path / name,
-                   ["SOLVER.MAX_ITER", num_iter, "SOLVER.IMS_PER_BATCH", 1, "SEED", seed],
-                   val=False, extra_args=["--deterministic"])
-    )  # fmt: skip
+        train_argv(
+            tmp_path / "data",
+            tmp_path / name,
+            ["SOLVER.MAX_ITER", num_iter, "SOLVER.IMS_PER_BATCH", 1, "SEED", seed],
+            val=False,
+            extra_args=["--deterministic"],
+        )
+    )
     train_net.main(args)
     assert torch.are_deterministic_algorithms_enabled()
     return recorded
@@ -66,6 +72,7 @@ def test_same_seed_gives_identical_losses(tmp_path, monkeypatch, restore_torch_f
 
 def test_deterministic_needs_a_fixed_seed(tmp_path, restore_torch_flags):
     from cmrcnn_ext.engine.determinism import enable_determinism
+
     from conftest import tiny_cfg
 
     with pytest.raises(ValueError, match="SEED is -1"):

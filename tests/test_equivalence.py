@@ -1,9 +1,9 @@
 """CascadeMaskROIHeads(MASK_STAGES=first, weights 1) == Detectron2's built-in CascadeROIHeads."""
+
 import copy
 
 import pytest
 import torch
-
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
@@ -13,8 +13,13 @@ from conftest import make_batch, tiny_cfg
 def build_pair(*opts, fast=False):
     """(ours, built-in) with identical weights."""
     ours_cfg = tiny_cfg(
-        "MODEL.CMRCNN.MASK_STAGES", "first", "MODEL.CMRCNN.FAST_ROI_ALIGN", fast,
-        "MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD", fast, *opts
+        "MODEL.CMRCNN.MASK_STAGES",
+        "first",
+        "MODEL.CMRCNN.FAST_ROI_ALIGN",
+        fast,
+        "MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD",
+        fast,
+        *opts,
     )
     d2_cfg = ours_cfg.clone()
     d2_cfg.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"
@@ -93,8 +98,9 @@ def test_channels_last_mask_head_same_outputs_in_cpu_inference():
     torch.manual_seed(0)
     models = {}
     for flag in (False, True):
-        cfg = tiny_cfg("MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD", flag,
-                       "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0)
+        cfg = tiny_cfg(
+            "MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD", flag, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0
+        )
         models[flag] = build_model(cfg)
     models[True].load_state_dict(models[False].state_dict())
     head = models[True].roi_heads._mask_heads()[0]
@@ -102,8 +108,10 @@ def test_channels_last_mask_head_same_outputs_in_cpu_inference():
     layouts = []
     first_conv = next(m for m in head.modules() if isinstance(m, torch.nn.Conv2d))
     first_conv.register_forward_pre_hook(
-        lambda m, inp: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last)
-                                      and not inp[0].is_contiguous()))
+        lambda m, inp: layouts.append(
+            inp[0].is_contiguous(memory_format=torch.channels_last) and not inp[0].is_contiguous()
+        )
+    )
     batch = make_batch(seed=3)
     outs = {}
     for flag, model in models.items():

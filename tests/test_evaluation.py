@@ -5,6 +5,7 @@ polygon masks, iscrowd regions, images without annotations, non-contiguous categ
 duplicates, false positives and score ties. benchmarks/bench_eval.py shows the same on 500+
 images with timings.
 """
+
 import contextlib
 import copy
 import io
@@ -13,18 +14,19 @@ import os
 
 import numpy as np
 import pytest
+from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import coco_evaluation as d2_coco_evaluation
 
 import cmrcnn_ext
+from cmrcnn_ext.engine.trainer import Trainer
+from cmrcnn_ext.evaluation.coco import FastCOCOEvaluator, build_coco_evaluator
+
 from synthetic_results import (
     CATEGORIES,
     iter_model_outputs,
     make_coco_eval_set,
     register_eval_set,
 )
-from cmrcnn_ext.engine.trainer import Trainer
-from cmrcnn_ext.evaluation.coco import FastCOCOEvaluator, build_coco_evaluator
-from detectron2.evaluation import COCOEvaluator
-from detectron2.evaluation import coco_evaluation as d2_coco_evaluation
 
 TASKS = ("bbox", "segm")
 
@@ -72,8 +74,9 @@ def _run_pycocotools(monkeypatch, evaluator, predictions):
 def _assert_same(ref_results, ref_stats, ours, our_results):
     for task in TASKS:
         assert len(ref_stats[task]) == len(ours.coco_stats[task]) == 12
-        np.testing.assert_allclose(ours.coco_stats[task], ref_stats[task], rtol=0, atol=5e-5,
-                                   err_msg=task)
+        np.testing.assert_allclose(
+            ours.coco_stats[task], ref_stats[task], rtol=0, atol=5e-5, err_msg=task
+        )
         assert set(our_results[task]) == set(ref_results[task])
         for key, ref in ref_results[task].items():  # AP, AP50, ..., AP-<class>, in percent
             assert our_results[task][key] == pytest.approx(ref, abs=5e-3, nan_ok=True), (task, key)
@@ -89,18 +92,26 @@ def test_same_stats_and_per_category_ap_as_pycocotools(eval_set, monkeypatch, tm
     scores = [r["score"] for p in eval_set["predictions"] for r in p["instances"]]
     assert len(scores) - len(set(scores)) >= 20
 
-    ref = COCOEvaluator(eval_set["name"], tasks=TASKS, distributed=False,
-                        output_dir=str(tmp_path / "ref"), use_fast_impl=False)
-    ours = FastCOCOEvaluator(eval_set["name"], tasks=TASKS, distributed=False,
-                             output_dir=str(tmp_path / "ours"))
+    ref = COCOEvaluator(
+        eval_set["name"],
+        tasks=TASKS,
+        distributed=False,
+        output_dir=str(tmp_path / "ref"),
+        use_fast_impl=False,
+    )
+    ours = FastCOCOEvaluator(
+        eval_set["name"], tasks=TASKS, distributed=False, output_dir=str(tmp_path / "ours")
+    )
     ref_results, ref_stats = _run_pycocotools(monkeypatch, ref, eval_set["predictions"])
     our_results = _run(ours, eval_set["predictions"])
     _assert_same(ref_results, ref_stats, ours, our_results)
     assert {f"AP-{name}" for _, name in CATEGORIES} <= set(our_results["segm"])
     assert 5 < our_results["segm"]["AP"] < 95 and 5 < our_results["bbox"]["AP"] < 95
     # Same results file (category ids mapped back to the dataset's).
-    with open(tmp_path / "ref" / "coco_instances_results.json") as a, \
-            open(tmp_path / "ours" / "coco_instances_results.json") as b:
+    with (
+        open(tmp_path / "ref" / "coco_instances_results.json") as a,
+        open(tmp_path / "ours" / "coco_instances_results.json") as b,
+    ):
         assert json.load(a) == json.load(b)
     # evaluate() leaves the stored predictions as they are: a second call gives the same.
     assert ours.evaluate() == our_results
@@ -108,10 +119,10 @@ def test_same_stats_and_per_category_ap_as_pycocotools(eval_set, monkeypatch, tm
 
 def test_same_with_max_dets_and_img_ids(eval_set, monkeypatch):
     """max_dets_per_image != 100 (Detectron2's COCOevalMaxDets) and a subset of images."""
-    ref = COCOEvaluator(eval_set["name"], tasks=TASKS, distributed=False, use_fast_impl=False,
-                        max_dets_per_image=5)
-    ours = FastCOCOEvaluator(eval_set["name"], tasks=TASKS, distributed=False,
-                             max_dets_per_image=5)
+    ref = COCOEvaluator(
+        eval_set["name"], tasks=TASKS, distributed=False, use_fast_impl=False, max_dets_per_image=5
+    )
+    ours = FastCOCOEvaluator(eval_set["name"], tasks=TASKS, distributed=False, max_dets_per_image=5)
     img_ids = [img["id"] for img in eval_set["gt"]["images"][::3]]
     stats = {}
     original = d2_coco_evaluation._evaluate_predictions_on_coco
@@ -142,7 +153,7 @@ def test_no_predictions_gives_nan_like_detectron2(eval_set):
 
 def test_build_coco_evaluator_switch(eval_set, tmp_path):
     cfg = cmrcnn_ext.get_cfg()
-    assert cfg.TEST.CMRCNN_EVALUATOR == "faster"
+    assert cfg.TEST.CMRCNN.EVALUATOR == "faster"
     cfg.MODEL.MASK_ON = True
     name = eval_set["name"]
     ev = Trainer.build_evaluator(cfg, name, output_folder=str(tmp_path))
@@ -151,13 +162,15 @@ def test_build_coco_evaluator_switch(eval_set, tmp_path):
     # as in Trainer.test: distributed=True in a single process
     results = _run(ev, eval_set["predictions"][:20])
     assert set(results) == {"bbox", "segm"} and np.isfinite(results["segm"]["AP"])
-    cfg.TEST.CMRCNN_EVALUATOR = "pycocotools"
+    cfg.TEST.CMRCNN.EVALUATOR = "pycocotools"
     ev = Trainer.build_evaluator(cfg, name, output_folder=str(tmp_path))
     assert type(ev) is COCOEvaluator and ev._use_fast_impl is False
     cfg.MODEL.MASK_ON = False
     assert build_coco_evaluator(cfg, name, backend="faster")._tasks == ("bbox",)
-    cfg.TEST.CMRCNN_EVALUATOR = "fast"
-    with pytest.raises(ValueError, match="TEST.CMRCNN_EVALUATOR='fast'.*faster.*pycocotools"):
+    cfg.TEST.CMRCNN.EVALUATOR = "fast"
+    with pytest.raises(
+        ValueError, match='TEST.CMRCNN.EVALUATOR = "fast": .*"faster", "pycocotools"'
+    ):
         Trainer.build_evaluator(cfg, name, output_folder=str(tmp_path))
     assert os.path.isdir(tmp_path)
 
@@ -170,10 +183,14 @@ def test_bulk_result_loading_equals_load_res(eval_set):
     from cmrcnn_ext.evaluation.coco import _load_results
 
     dataset_ids = [c for c, _ in CATEGORIES]  # contiguous id -> the JSON's category id
-    results = [dict(r, category_id=dataset_ids[r["category_id"]])
-               for p in eval_set["predictions"] for r in p["instances"]]  # fmt: skip
+    results = [
+        dict(r, category_id=dataset_ids[r["category_id"]])
+        for p in eval_set["predictions"]
+        for r in p["instances"]
+    ]
     coco_gt = fce.COCO(FastCOCOEvaluator(eval_set["name"], distributed=False)._metadata.json_file)
     for task in TASKS:
+
         def fresh():
             drop = {"bbox"} if task == "segm" else set()  # as the evaluator does for segm
             return [{k: copy.copy(v) for k, v in r.items() if k not in drop} for r in results]
@@ -240,28 +257,51 @@ def test_keypoints_are_evaluated_by_detectron2s_own_code(tmp_path):
             w, h = rng.uniform(40, 90, 2)
             pts = np.stack([rng.uniform(x, x + w, 17), rng.uniform(y, y + h, 17)], 1)
             kps = np.concatenate([pts, np.full((17, 1), 2.0)], 1)
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-                         "bbox": [x, y, w, h], "area": w * h, "num_keypoints": 17,
-                         "keypoints": kps.ravel().round(2).tolist()})  # fmt: skip
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "num_keypoints": 17,
+                    "keypoints": kps.ravel().round(2).tolist(),
+                }
+            )
             noisy = kps.copy()
             noisy[:, :2] += rng.normal(0, rng.uniform(0.5, 6), (17, 2))
-            instances.append({"image_id": image_id, "category_id": 0, "bbox": [x, y, w, h],
-                              "keypoints": noisy.ravel().tolist(), "score": float(rng.uniform())})  # fmt: skip
+            instances.append(
+                {
+                    "image_id": image_id,
+                    "category_id": 0,
+                    "bbox": [x, y, w, h],
+                    "keypoints": noisy.ravel().tolist(),
+                    "score": float(rng.uniform()),
+                }
+            )
         preds.append({"image_id": image_id, "instances": instances})
-    gt = {"images": images, "annotations": anns,
-          "categories": [{"id": 1, "name": "person", "keypoints": [str(i) for i in range(17)],
-                          "skeleton": []}]}  # fmt: skip
+    gt = {
+        "images": images,
+        "annotations": anns,
+        "categories": [
+            {"id": 1, "name": "person", "keypoints": [str(i) for i in range(17)], "skeleton": []}
+        ],
+    }
     json_file = tmp_path / "kp.json"
     json_file.write_text(json.dumps(gt))
     name = "cmrcnn_test_keypoints"
     if name in MetadataCatalog.list():
         MetadataCatalog.remove(name)
-    MetadataCatalog.get(name).set(json_file=str(json_file), thing_classes=["person"],
-                                  thing_dataset_id_to_contiguous_id={1: 0})  # fmt: skip
+    MetadataCatalog.get(name).set(
+        json_file=str(json_file), thing_classes=["person"], thing_dataset_id_to_contiguous_id={1: 0}
+    )
     ref = COCOEvaluator(name, tasks=("keypoints",), distributed=False, use_fast_impl=False)
     ours = FastCOCOEvaluator(name, tasks=("keypoints",), distributed=False)
     ref_results, our_results = _run(ref, preds), _run(ours, preds)
     assert 5 < ref_results["keypoints"]["AP"] < 95
-    assert set(our_results) == {"keypoints"} and set(our_results["keypoints"]) == set(ref_results["keypoints"])
+    assert set(our_results) == {"keypoints"} and set(our_results["keypoints"]) == set(
+        ref_results["keypoints"]
+    )
     for key, value in ref_results["keypoints"].items():  # APl is NaN: no large persons
         assert our_results["keypoints"][key] == pytest.approx(value, abs=0, nan_ok=True), key

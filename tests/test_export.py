@@ -12,6 +12,8 @@ import textwrap
 
 import pytest
 import torch
+from detectron2.layers.mask_ops import _do_paste_mask
+from detectron2.modeling import build_model
 
 from cmrcnn_ext.apps.export import main
 from cmrcnn_ext.export import (
@@ -21,8 +23,6 @@ from cmrcnn_ext.export import (
     load_metadata,
     trace,
 )
-from detectron2.layers.mask_ops import _do_paste_mask
-from detectron2.modeling import build_model
 
 from conftest import DEMO_CONFIG, ROOT, tiny_cfg
 
@@ -39,9 +39,13 @@ def one_thread():
 #: (H, W) of the test images; the model is traced at 128 x 128.
 SIZES = [(96, 128), (128, 128), (160, 112)]
 NMS_OPTS = [
-    "MODEL.RPN.POST_NMS_TOPK_TEST", 10, "MODEL.ROI_HEADS.NMS_THRESH_TEST", 0.3,
-    "TEST.DETECTIONS_PER_IMAGE", 100,
-]  # fmt: skip
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    10,
+    "MODEL.ROI_HEADS.NMS_THRESH_TEST",
+    0.3,
+    "TEST.DETECTIONS_PER_IMAGE",
+    100,
+]
 MODES = {
     "first": ["MODEL.CMRCNN.MASK_STAGES", "first"],
     "last": ["MODEL.CMRCNN.MASK_STAGES", "last"],
@@ -57,10 +61,11 @@ def build(mode, fast_roi_align=True, *opts):
     torch.manual_seed(0)
     cfg = tiny_cfg(
         *MODES[mode],
-        "MODEL.CMRCNN.FAST_ROI_ALIGN", fast_roi_align,
+        "MODEL.CMRCNN.FAST_ROI_ALIGN",
+        fast_roi_align,
         *NMS_OPTS,
         *opts,
-    )  # fmt: skip
+    )
     return build_model(cfg).eval()
 
 
@@ -167,9 +172,13 @@ def test_loads_without_detectron2_or_cmrcnn_ext(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=120,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -186,9 +195,17 @@ def _checkpoint(tmp_path, mode):
 
 
 CLI_OPTS = [
-    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160",
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
-] + [str(v) for v in NMS_OPTS]  # fmt: skip
+    "INPUT.MIN_SIZE_TEST",
+    "128",
+    "INPUT.MAX_SIZE_TEST",
+    "160",
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+    "0.0",
+    "DATASETS.TRAIN",
+    "()",
+    "DATASETS.TEST",
+    "()",
+] + [str(v) for v in NMS_OPTS]
 
 
 def test_cli_torchscript_with_sample_image(tmp_path):
@@ -202,9 +219,19 @@ def test_cli_torchscript_with_sample_image(tmp_path):
     out = str(tmp_path / "exported" / "model.ts")
     opts = ["MODEL.CMRCNN.MASK_STAGES", "all", "MODEL.CMRCNN.TEST_MASK_MERGE", "mean"]
     main(
-        ["--config-file", DEMO_CONFIG, "--weights", ckpt, "--output", out,
-         "--sample-image", str(sample)] + CLI_OPTS + opts
-    )  # fmt: skip
+        [
+            "--config-file",
+            DEMO_CONFIG,
+            "--weights",
+            ckpt,
+            "--output",
+            out,
+            "--sample-image",
+            str(sample),
+        ]
+        + CLI_OPTS
+        + opts
+    )
     meta = load_metadata(out)
     assert meta["input_format"] == "RGB" and meta["mask_format"] == "bool"
     assert meta["min_size_test"] == 128 and meta["test_mask_merge"] == "mean"
@@ -219,9 +246,20 @@ def test_cli_onnx(tmp_path):
     model, ckpt = _checkpoint(tmp_path, "first")
     out = str(tmp_path / "model.onnx")
     main(
-        ["--config-file", DEMO_CONFIG, "--weights", ckpt, "--output", out, "--format", "onnx",
-         "--mask-format", "probs"] + CLI_OPTS
-    )  # fmt: skip
+        [
+            "--config-file",
+            DEMO_CONFIG,
+            "--weights",
+            ckpt,
+            "--output",
+            out,
+            "--format",
+            "onnx",
+            "--mask-format",
+            "probs",
+        ]
+        + CLI_OPTS
+    )
     assert load_metadata(out)["mask_format"] == "probs"
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1

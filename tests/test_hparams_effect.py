@@ -3,15 +3,15 @@
 Each test sets a non-default value and checks the model for it, so it fails if the key stopped
 reaching the model. Tiny R18-GN models (``tiny_cfg``) at 64-128 px keep this fast on a CPU.
 """
+
 import pytest
 import torch
-from torch import nn
-
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
+from torch import nn
 
 from conftest import make_batch, tiny_cfg
 
@@ -216,7 +216,7 @@ def test_resnext_groups_and_width_build_and_run():
     res = model.backbone.bottom_up
     for i, stage in enumerate([res.res2, res.res3, res.res4, res.res5]):
         conv2 = stage[0].conv2  # 3x3 grouped conv; width doubles per stage
-        assert (conv2.groups, conv2.out_channels) == (32, 32 * 4 * 2 ** i)
+        assert (conv2.groups, conv2.out_channels) == (32, 32 * 4 * 2**i)
     _tiny_forward_ok(model)
 
 
@@ -260,13 +260,22 @@ def _one_step(cfg, model, batch):
 
 
 def test_optimizer_adamw_update_equals_hand_computed_first_step():
-    """SOLVER.CMRCNN_OPTIMIZER AdamW: Detectron2's parameter groups, torch's AdamW, and the
+    """SOLVER.CMRCNN.OPTIMIZER AdamW: Detectron2's parameter groups, torch's AdamW, and the
     first update is exactly AdamW's closed form: p - lr * (wd * p + sign(g)) for g != 0
     (bias-corrected m / sqrt(v) = g / |g| at step 1, eps aside)."""
     lr, wd = 0.01, 0.05
-    cfg = tiny_cfg("SOLVER.CMRCNN_OPTIMIZER", "AdamW", "SOLVER.BASE_LR", lr,
-                   "SOLVER.WEIGHT_DECAY", wd, "SOLVER.WEIGHT_DECAY_NORM", 0.0,
-                   "SOLVER.CMRCNN_BETAS", [0.8, 0.99])
+    cfg = tiny_cfg(
+        "SOLVER.CMRCNN.OPTIMIZER",
+        "AdamW",
+        "SOLVER.BASE_LR",
+        lr,
+        "SOLVER.WEIGHT_DECAY",
+        wd,
+        "SOLVER.WEIGHT_DECAY_NORM",
+        0.0,
+        "SOLVER.CMRCNN.BETAS",
+        [0.8, 0.99],
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
@@ -275,8 +284,9 @@ def test_optimizer_adamw_update_equals_hand_computed_first_step():
     # torch's fused kernel (one pass per tensor, ~4x faster step on the CPU) where torch has it
     assert all(g["fused"] for g in opt.param_groups)
     assert all(g["betas"] == (0.8, 0.99) for g in opt.param_groups)
-    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.GroupNorm)
-                   for p in m.parameters()}
+    norm_params = {
+        id(p) for m in model.modules() if isinstance(m, nn.GroupNorm) for p in m.parameters()
+    }
     decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert norm_params and all(decays[i] == 0.0 for i in norm_params)  # WEIGHT_DECAY_NORM
     fc = model.roi_heads.box_predictor[0].cls_score.weight
@@ -292,13 +302,15 @@ def test_optimizer_sgd_is_detectron2s():
 
     import cmrcnn_ext
 
-    assert cmrcnn_ext.get_cfg().SOLVER.CMRCNN_OPTIMIZER == "SGD"  # the default
-    cfg = tiny_cfg("SOLVER.CMRCNN_OPTIMIZER", "SGD")  # the demo config uses AdamW
+    assert cmrcnn_ext.get_cfg().SOLVER.CMRCNN.OPTIMIZER == "SGD"  # the default
+    cfg = tiny_cfg("SOLVER.CMRCNN.OPTIMIZER", "SGD")  # the demo config uses AdamW
     torch.manual_seed(0)
     model = build_model(cfg)
     ours = _one_step(cfg, model, make_batch(2, 128))
     theirs = build_optimizer(cfg, model)
     assert type(ours) is type(theirs) and isinstance(ours, torch.optim.SGD)
-    assert [(len(g["params"]), g["lr"], g["weight_decay"], g["momentum"]) for g in ours.param_groups] == [
+    assert [
+        (len(g["params"]), g["lr"], g["weight_decay"], g["momentum"]) for g in ours.param_groups
+    ] == [
         (len(g["params"]), g["lr"], g["weight_decay"], g["momentum"]) for g in theirs.param_groups
     ]

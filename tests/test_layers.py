@@ -1,4 +1,5 @@
 """FastROIAlign equals torchvision's ROIAlign (values and gradients)."""
+
 import pytest
 import torch
 from torchvision.ops import roi_align
@@ -66,15 +67,16 @@ def test_bfloat16_features_sample_in_float32():
     once to bfloat16."""
     torch.manual_seed(3)
     feat = torch.randn(2, 16, 64, 64).bfloat16()
-    rois = torch.tensor([[0, 201.3, 150.7, 240.9, 190.2], [1, 120.6, 33.3, 171.9, 99.1],
-                         [0, 3.3, 5.9, 19.4, 17.7]])
+    rois = torch.tensor(
+        [[0, 201.3, 150.7, 240.9, 190.2], [1, 120.6, 33.3, 171.9, 99.1], [0, 3.3, 5.9, 19.4, 17.7]]
+    )
     ref = roi_align(feat.float(), rois, (7, 7), 0.25, 2, True)
     for grad in (False, True):
         f = feat.clone().requires_grad_(grad)
         with torch.set_grad_enabled(grad):
             got = FastROIAlign((7, 7), 0.25, 2, True)(f, rois)
         assert got.dtype == torch.bfloat16
-        torch.testing.assert_close(got.float(), ref, atol=0.0, rtol=2 ** -7)
+        torch.testing.assert_close(got.float(), ref, atol=0.0, rtol=2**-7)
 
 
 def test_feature_table_shared_without_autograd_and_refreshed():

@@ -4,6 +4,7 @@ Each lazy config must build the YAML config's model (same modules, parameters an
 data mappers, optimizer, LR schedule and training options, and train one step the way
 Detectron2's tools/lazyconfig_train_net.py does, on a tiny synthetic data set.
 """
+
 import math
 import os
 
@@ -81,8 +82,9 @@ def _settings(model):
     for name, m in model.named_modules():
         attrs = {k: _describe(v) for k, v in vars(m).items() if not k.startswith("_")}
         if isinstance(attrs.get("loss_weight"), dict):  # FastRCNNOutputLayers: missing = 1.0
-            attrs["loss_weight"] = {k: attrs["loss_weight"].get(k, 1.0)
-                                    for k in ("loss_cls", "loss_box_reg")}  # fmt: skip
+            attrs["loss_weight"] = {
+                k: attrs["loss_weight"].get(k, 1.0) for k in ("loss_cls", "loss_box_reg")
+            }
         out[name] = (type(m).__name__, attrs)
     return out
 
@@ -108,8 +110,9 @@ def _mapper_state(mapper):
     """A DatasetMapper's settings: its augmentations' classes and attributes, image format, mask
     and box options."""
     state = {k: _describe(v) for k, v in vars(mapper).items() if k != "augmentations"}
-    state["augmentations"] = [(type(a).__name__, _describe(vars(a)))
-                              for a in mapper.augmentations.augs]  # fmt: skip
+    state["augmentations"] = [
+        (type(a).__name__, _describe(vars(a))) for a in mapper.augmentations.augs
+    ]
     return state
 
 
@@ -119,8 +122,10 @@ def _param_groups(optimizer):
     ``foreach`` (torch's multi-tensor kernel, the same update) is left out: Detectron2 main's
     YAML ``build_optimizer`` sets it, its lazy ``common/optim.py`` leaves torch's default.
     """
-    return [{**{k: v for k, v in g.items() if k not in ("params", "foreach")},
-             "n": len(g["params"])} for g in optimizer.param_groups]  # fmt: skip
+    return [
+        {**{k: v for k, v in g.items() if k not in ("params", "foreach")}, "n": len(g["params"])}
+        for g in optimizer.param_groups
+    ]
 
 
 @pytest.mark.parametrize("lazy_name,yaml_name", PAIRS)
@@ -167,7 +172,7 @@ def test_lazy_config_equals_yaml_config(lazy_name, yaml_name):
     assert lazy.dataloader.train.total_batch_size == ycfg.SOLVER.IMS_PER_BATCH
     assert lazy.dataloader.train.num_workers == ycfg.DATALOADER.NUM_WORKERS
     assert lazy.dataloader.evaluator._target_ is FastCOCOEvaluator
-    assert ycfg.TEST.CMRCNN_EVALUATOR == "faster"
+    assert ycfg.TEST.CMRCNN.EVALUATOR == "faster"
 
     # optimizer: the same parameter groups and hyperparameters as the YAML trainer's SGD
     yaml_opt = Trainer.build_optimizer(ycfg, yaml_model)
@@ -185,7 +190,9 @@ def test_lazy_config_equals_yaml_config(lazy_name, yaml_name):
         assert math.isclose(lazy_mult(it / lazy.train.max_iter), yaml_mult(it / max_iter)), it
     train = lazy.train
     assert (train.max_iter, train.checkpointer.period, train.eval_period) == (
-        max_iter, ycfg.SOLVER.CHECKPOINT_PERIOD, ycfg.TEST.EVAL_PERIOD
+        max_iter,
+        ycfg.SOLVER.CHECKPOINT_PERIOD,
+        ycfg.TEST.EVAL_PERIOD,
     )
     assert train.init_checkpoint == ycfg.MODEL.WEIGHTS
     assert train.amp.enabled == ycfg.SOLVER.AMP.ENABLED
@@ -195,7 +202,6 @@ def test_all_mask_stages_recipe_matches_yaml():
     """The module docstring's recipe for mask_stages="all" (one head per stage in a
     ModuleList) builds the ROI heads of the YAML config with MASK_STAGES all."""
     import torch.nn as nn
-
     from detectron2.config import LazyCall as L
     from detectron2.config import instantiate
     from detectron2.layers import ShapeSpec
@@ -207,9 +213,15 @@ def test_all_mask_stages_recipe_matches_yaml():
     head.num_classes = "${....num_classes}"
     rh.update(mask_stages="all", stage_loss_weights=[1.0, 0.5, 0.25], test_mask_merge="mean")
     rh.mask_head = L(nn.ModuleList)(modules=[head, head, head])
-    ycfg = _yaml(PAIRS[0][1], "MODEL.CMRCNN.MASK_STAGES", "all",
-                 "MODEL.CMRCNN.STAGE_LOSS_WEIGHTS", [1.0, 0.5, 0.25],
-                 "MODEL.CMRCNN.TEST_MASK_MERGE", "mean")  # fmt: skip
+    ycfg = _yaml(
+        PAIRS[0][1],
+        "MODEL.CMRCNN.MASK_STAGES",
+        "all",
+        "MODEL.CMRCNN.STAGE_LOSS_WEIGHTS",
+        [1.0, 0.5, 0.25],
+        "MODEL.CMRCNN.TEST_MASK_MERGE",
+        "mean",
+    )
     shapes = {f"p{i}": ShapeSpec(channels=256, stride=2**i) for i in range(2, 7)}
     lazy_heads, yaml_heads = instantiate(rh), build_roi_heads(ycfg, shapes)
     _assert_same_model(lazy_heads, yaml_heads)
@@ -233,13 +245,20 @@ def tiny_dataset(tmp_path_factory):
             x0, y0 = int(rng.integers(0, 80)), int(rng.integers(0, 50))
             x1, y1 = x0 + int(rng.integers(16, 48)), y0 + int(rng.integers(16, 46))
             img[y0:y1, x0:x1] = (60 * k + 40, 200 - 50 * k, 30)
-            annos.append({"bbox": [x0, y0, x1, y1], "bbox_mode": BoxMode.XYXY_ABS,
-                          "category_id": k, "iscrowd": 0,
-                          "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})  # fmt: skip
+            annos.append(
+                {
+                    "bbox": [x0, y0, x1, y1],
+                    "bbox_mode": BoxMode.XYXY_ABS,
+                    "category_id": k,
+                    "iscrowd": 0,
+                    "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+                }
+            )
         path = str(root / f"{i}.png")
         Image.fromarray(img).save(path)
-        dicts.append({"file_name": path, "image_id": i, "height": 96, "width": 128,
-                      "annotations": annos})  # fmt: skip
+        dicts.append(
+            {"file_name": path, "image_id": i, "height": 96, "width": 128, "annotations": annos}
+        )
     name = f"cmrcnn_lazy_tiny_{os.getpid()}"
     DatasetCatalog.register(name, lambda: dicts)
     MetadataCatalog.get(name).set(thing_classes=["a", "b", "c"])
@@ -295,7 +314,10 @@ def test_one_lazyconfig_train_net_step(lazy_name, tiny_dataset):
     assert losses["loss_mask"] > 0
     # warmup: the first iteration's LR is 0.001 x 0.02
     assert math.isclose(trainer.storage.latest()["lr"][0], 0.02 * 0.001, rel_tol=1e-6)
-    changed = [k for k, p in model.named_parameters() if p.requires_grad
-               and not torch.equal(p.detach(), before[k])]  # fmt: skip
+    changed = [
+        k
+        for k, p in model.named_parameters()
+        if p.requires_grad and not torch.equal(p.detach(), before[k])
+    ]
     assert any(k.startswith("roi_heads.mask_head") for k in changed)
     assert any(k.startswith("backbone.bottom_up.res3") for k in changed)

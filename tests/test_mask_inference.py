@@ -3,13 +3,13 @@
 Both are pure speed-ups; the oracle is Detectron2's own inference (``mask_rcnn_inference`` on
 the logits of every detection's row, from the NCHW layers of ``MaskRCNNConvUpsampleHead``).
 """
+
 import pytest
 import torch
-from torch import nn
-
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_inference
 from detectron2.structures import Boxes, Instances
+from torch import nn
 
 from conftest import make_batch, tiny_cfg
 
@@ -25,7 +25,9 @@ def _detections(image_size, boxes, classes, scores=None):
 def _reference_probs(roi, features, instances, heads):
     """Detectron2's test-time masks: every detection pooled and run through the NCHW layers,
     ``mask_rcnn_inference`` per head, mean over heads."""
-    x = roi.mask_pooler([features[f] for f in roi.mask_in_features], [i.pred_boxes for i in instances])
+    x = roi.mask_pooler(
+        [features[f] for f in roi.mask_in_features], [i.pred_boxes for i in instances]
+    )
     per_head = []
     for head in heads:
         fast, head.channels_last_cpu = head.channels_last_cpu, False
@@ -49,8 +51,12 @@ def test_duplicate_boxes_run_the_mask_head_once(stages, merge):
         nn.init.normal_(head.predictor.weight, std=0.1 * (i + 1))
         nn.init.normal_(head.predictor.bias, std=0.5)
     rows_seen = []
-    hooks = [h.conv_norm_relus[0].register_forward_pre_hook(lambda m, inp: rows_seen.append(inp[0].shape[0]))
-             for h in heads]
+    hooks = [
+        h.conv_norm_relus[0].register_forward_pre_hook(
+            lambda m, inp: rows_seen.append(inp[0].shape[0])
+        )
+        for h in heads
+    ]
     batch = make_batch(num_images=2, seed=7, with_gt=False)
     images = model.preprocess_image(batch)
     a, b, c = [4.0, 6.0, 60.0, 50.0], [30.5, 10.25, 90.0, 120.0], [70.0, 70.0, 127.0, 100.0]
@@ -62,7 +68,9 @@ def test_duplicate_boxes_run_the_mask_head_once(stages, merge):
     ]
     with torch.no_grad():
         features = model.backbone(images.tensor)
-        expected = _reference_probs(roi, features, instances, heads if merge == "mean" else heads[-1:])
+        expected = _reference_probs(
+            roi, features, instances, heads if merge == "mean" else heads[-1:]
+        )
         rows_seen.clear()
         out = roi._forward_mask(features, [i[torch.arange(len(i))] for i in instances])
     for h in hooks:
@@ -122,12 +130,15 @@ def test_head_with_own_forward_keeps_its_path():
     assert not _shares_mask_rows([head], [_detections((64, 64), [], [])])
 
 
-@pytest.mark.parametrize("opts", [
-    (),
-    ("MODEL.ROI_MASK_HEAD.NUM_CONV", 0),
-    ("MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", True),
-    ("MODEL.ROI_MASK_HEAD.NORM", "", "MODEL.ROI_MASK_HEAD.CONV_DIM", 48),
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        (),
+        ("MODEL.ROI_MASK_HEAD.NUM_CONV", 0),
+        ("MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", True),
+        ("MODEL.ROI_MASK_HEAD.NORM", "", "MODEL.ROI_MASK_HEAD.CONV_DIM", 48),
+    ],
+)
 def test_fused_upsampling_equals_layers(opts):
     """CPU inference path of CMRCNNConvUpsampleHead (channels-last convs; deconv + ReLU + 1x1
     predictor as two matrix products) == Detectron2's layers in NCHW."""
@@ -138,8 +149,14 @@ def test_fused_upsampling_equals_layers(opts):
     nn.init.normal_(head.predictor.bias, std=0.5)
     nn.init.normal_(head.deconv.bias, std=0.5)
     assert head._fused_upsample_ok()
-    x = torch.randn(11, head.deconv.in_channels if not head.conv_norm_relus
-                    else head.conv_norm_relus[0].in_channels, 14, 14)
+    x = torch.randn(
+        11,
+        head.deconv.in_channels
+        if not head.conv_norm_relus
+        else head.conv_norm_relus[0].in_channels,
+        14,
+        14,
+    )
     with torch.no_grad():
         fast = head.layers(x)
         head.channels_last_cpu = False
@@ -169,8 +186,10 @@ def test_image_without_detections_next_to_one_with():
     batch = make_batch(num_images=2, seed=7, with_gt=False)
     images = model.preprocess_image(batch)
     box = [4.0, 6.0, 60.0, 50.0]
-    instances = [_detections(images.image_sizes[0], [], []),
-                 _detections(images.image_sizes[1], [box, box], [1, 2])]
+    instances = [
+        _detections(images.image_sizes[0], [], []),
+        _detections(images.image_sizes[1], [box, box], [1, 2]),
+    ]
     with torch.no_grad():
         features = model.backbone(images.tensor)
         expected = _reference_probs(roi, features, instances, roi._mask_heads()[-1:])

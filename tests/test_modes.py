@@ -1,14 +1,14 @@
 """MASK_STAGES first / last / all, STAGE_LOSS_WEIGHTS and TEST_MASK_MERGE do what they say."""
+
 import copy
 
 import pytest
 import torch
-from torch import nn
-
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_inference
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
+from torch import nn
 
 from conftest import make_batch, tiny_cfg
 
@@ -17,9 +17,12 @@ IOUS = (0.5, 0.6, 0.7)
 
 def build(stages, merge="last", weights=(1.0, 1.0, 1.0), seed=0):
     cfg = tiny_cfg(
-        "MODEL.CMRCNN.MASK_STAGES", stages,
-        "MODEL.CMRCNN.TEST_MASK_MERGE", merge,
-        "MODEL.CMRCNN.STAGE_LOSS_WEIGHTS", list(weights),
+        "MODEL.CMRCNN.MASK_STAGES",
+        stages,
+        "MODEL.CMRCNN.TEST_MASK_MERGE",
+        merge,
+        "MODEL.CMRCNN.STAGE_LOSS_WEIGHTS",
+        list(weights),
     )
     torch.manual_seed(seed)
     return build_model(cfg)
@@ -83,7 +86,7 @@ def test_mask_heads_train_on_their_stage_positives(stages, trained):
     model = build(stages)
     losses, stage_inputs, mask_calls = record_training(model, batch)
     assert [i for i, _ in mask_calls] == list(range(len(trained)))
-    for (head_idx, instances), stage in zip(mask_calls, trained):
+    for (_, instances), stage in zip(mask_calls, trained):
         for img, inst in enumerate(instances):
             boxes = inst.proposal_boxes.tensor
             # boxes come from this stage's input ...
@@ -150,8 +153,9 @@ def infer_pair(merge):
         proposals, _ = model.proposal_generator(images, features, None)
         instances, _ = model.roi_heads(images, features, proposals, None)
         roi = model.roi_heads
-        x = roi.mask_pooler([features[f] for f in roi.mask_in_features],
-                            [i.pred_boxes for i in instances])
+        x = roi.mask_pooler(
+            [features[f] for f in roi.mask_in_features], [i.pred_boxes for i in instances]
+        )
         per_head = []
         for head in roi.mask_head:
             ref = [Instances(i.image_size, pred_classes=i.pred_classes) for i in instances]
@@ -180,7 +184,7 @@ def test_test_mask_merge_last_uses_last_head():
     [
         (["MODEL.CMRCNN.MASK_STAGES", "middle"], "MASK_STAGES"),
         (["MODEL.CMRCNN.TEST_MASK_MERGE", "max"], "TEST_MASK_MERGE"),
-        (["MODEL.CMRCNN.TEST_MASK_MERGE", "mean"], "MASK_STAGES 'all'"),
+        (["MODEL.CMRCNN.TEST_MASK_MERGE", "mean"], 'MASK_STAGES "all"'),
         (["MODEL.CMRCNN.STAGE_LOSS_WEIGHTS", [1.0, 0.5]], "one weight per stage"),
         (["MODEL.CMRCNN.STAGE_LOSS_WEIGHTS", [1.0, -0.5, 1.0]], ">= 0"),
     ],

@@ -1,4 +1,5 @@
 """A NaN/inf loss or weight stops training with a clear message; the last checkpoint stays good."""
+
 import math
 import os
 
@@ -21,9 +22,10 @@ def _args(train_net, data, out, opts):
 
 def _assert_last_checkpoint_is(out, name, iteration):
     """``last_checkpoint`` names ``name``, which loads, holds finite weights and ``iteration``."""
-    from cmrcnn_ext.config import setup_cfg
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
+
+    from cmrcnn_ext.config import setup_cfg
 
     with open(out / "last_checkpoint") as f:
         assert f.read().strip() == name
@@ -37,9 +39,10 @@ def _assert_last_checkpoint_is(out, name, iteration):
 
 def test_nan_loss_stops_at_its_iteration_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
     """NaN / inf loss terms at iteration 2; a checkpoint after every iteration."""
-    from cmrcnn_ext.engine.nonfinite import NonFiniteLossError
     from detectron2.modeling import GeneralizedRCNN
     from detectron2.utils.events import get_event_storage
+
+    from cmrcnn_ext.engine.nonfinite import NonFiniteLossError
 
     forward = GeneralizedRCNN.forward
 
@@ -67,16 +70,19 @@ def test_nan_loss_stops_at_its_iteration_and_keeps_the_last_checkpoint(data, tmp
     assert err.iteration == 2 and set(err.bad_terms) == {"loss_mask", "loss_rpn_cls"}
     # nothing was saved at or after the failed iteration 2
     assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == [
-        "model_0000000.pth", "model_0000001.pth"]  # fmt: skip
+        "model_0000000.pth",
+        "model_0000001.pth",
+    ]
     _assert_last_checkpoint_is(out, "model_0000001.pth", 1)
 
 
 def test_nan_gradient_with_finite_losses_stops_before_saving_weights(data, tmp_path, monkeypatch):
     """At iteration 1 a loss term gets + sqrt(|0|): its value is 0, its gradient NaN, so the
     optimizer step turns weights into NaN although every loss is finite."""
-    from cmrcnn_ext.engine.nonfinite import NonFiniteWeightsError
     from detectron2.modeling import GeneralizedRCNN
     from detectron2.utils.events import get_event_storage
+
+    from cmrcnn_ext.engine.nonfinite import NonFiniteWeightsError
 
     forward = GeneralizedRCNN.forward
 
@@ -107,10 +113,11 @@ def test_nan_gradient_with_finite_losses_stops_before_saving_weights(data, tmp_p
 
 def _nan_on_rank1_worker(argv, out_dir):
     """Spawned worker: loss_mask is NaN on rank 1 only, at iteration 1; saves what it raised."""
-    from cmrcnn_ext.engine.nonfinite import NonFiniteLossError
     from detectron2.modeling import GeneralizedRCNN
     from detectron2.utils import comm
     from detectron2.utils.events import get_event_storage
+
+    from cmrcnn_ext.engine.nonfinite import NonFiniteLossError
 
     forward = GeneralizedRCNN.forward
 
@@ -140,8 +147,13 @@ def test_nan_on_one_rank_stops_every_rank(data, tmp_path):
 
     out = tmp_path / "out"
     argv = train_argv(data, out, ["SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 1], val=False)
-    launch(_nan_on_rank1_worker, 2, dist_url="auto", args=(argv, str(tmp_path)),
-           timeout=timedelta(seconds=120))  # fmt: skip
+    launch(
+        _nan_on_rank1_worker,
+        2,
+        dist_url="auto",
+        args=(argv, str(tmp_path)),
+        timeout=timedelta(seconds=120),
+    )
     messages = [open(tmp_path / f"error.rank{r}.txt").read() for r in range(2)]
     assert messages[0] == messages[1]
     expected = "Non-finite loss at iteration 1: loss_mask=nan (rank 1). Training stopped."

@@ -5,6 +5,7 @@ the rasterised masks of the nested polygon form, pycocotools' AP of perfect pred
 project's own error before any model is built, one message without a traceback on the
 command line.
 """
+
 import json
 import os
 import subprocess
@@ -16,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
+from cmrcnn_ext.data.coco import CocoDataError, load_coco_instances, validate_coco_json
+
 from conftest import DEMO_CONFIG, ROOT
 from reliability_helpers import SMALL_OPTS, load_train_net
-
-from cmrcnn_ext.data.coco import CocoDataError, load_coco_instances, validate_coco_json
 
 SIZE = 64
 CATS = [{"id": 1, "name": "square"}, {"id": 2, "name": "triangle"}]
@@ -49,9 +50,17 @@ def make_polygons(root, n=6, seed=0, folder="images"):
             poly = _polygon(kind, x, y, max(s, 10))
             rle = mask_util.frPyObjects([poly], SIZE, SIZE)
             img[mask_util.decode(rle)[..., 0].astype(bool)] = (200, 60 * kind, 90)
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": kind, "iscrowd": 0,
-                         "segmentation": [poly], "bbox": mask_util.toBbox(rle)[0].tolist(),
-                         "area": float(mask_util.area(rle)[0])})  # fmt: skip
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": kind,
+                    "iscrowd": 0,
+                    "segmentation": [poly],
+                    "bbox": mask_util.toBbox(rle)[0].tolist(),
+                    "area": float(mask_util.area(rle)[0]),
+                }
+            )
         Image.fromarray(img).save(os.path.join(root, folder, name))
         images.append({"id": i, "file_name": name, "width": SIZE, "height": SIZE})
     return {"images": images, "annotations": anns, "categories": [dict(c) for c in CATS]}
@@ -64,18 +73,28 @@ def write(path, data):
 
 
 def train_args(train_json, images, out, val_json=None, val_images=None, opts=(), extra=()):
-    argv = ["--config-file", DEMO_CONFIG, "--train-json", str(train_json), "--train-images", str(images)]
+    argv = [
+        "--config-file",
+        DEMO_CONFIG,
+        "--train-json",
+        str(train_json),
+        "--train-images",
+        str(images),
+    ]
     if val_json:
         argv += ["--val-json", str(val_json), "--val-images", str(val_images or images)]
-    opts = [str(x) for x in SMALL_OPTS] + ["SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out)] + list(opts)
+    opts = (
+        [str(x) for x in SMALL_OPTS] + ["SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out)] + list(opts)
+    )
     return list(extra) + argv + opts
 
 
 def run_cli(args, cwd=ROOT, env=None, timeout=300):
     env = dict(os.environ, **(env or {}))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable] + args, cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable] + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 # --------------------------------------------------------------------- flat polygons
@@ -97,8 +116,12 @@ def test_flat_polygon_is_read_as_one_polygon(tmp_path, caplog):
     from detectron2.data import detection_utils as utils
 
     for a, b in zip(dicts["nested"], dicts["flat"]):
-        masks = [utils.annotations_to_instances(d["annotations"], (SIZE, SIZE), "bitmask").gt_masks.tensor
-                 for d in (a, b)]  # fmt: skip
+        masks = [
+            utils.annotations_to_instances(
+                d["annotations"], (SIZE, SIZE), "bitmask"
+            ).gt_masks.tensor
+            for d in (a, b)
+        ]
         assert masks[0].sum() > 0 and torch.equal(masks[0], masks[1])
 
 
@@ -108,7 +131,9 @@ def test_flat_polygons_train(tmp_path):
         ann["segmentation"] = ann["segmentation"][0]
     path = write(tmp_path / "flat.json", data)
     train_net = load_train_net()
-    args = train_net.get_parser().parse_args(train_args(path, tmp_path / "images", tmp_path / "out"))
+    args = train_net.get_parser().parse_args(
+        train_args(path, tmp_path / "images", tmp_path / "out")
+    )
     train_net.main(args)
     assert os.path.isfile(tmp_path / "out" / "model_final.pth")
 
@@ -138,7 +163,9 @@ def test_every_annotation_skipped_stops_before_training(tmp_path, monkeypatch):
     for ann in data["annotations"]:
         ann["segmentation"] = [[1, 2, 3, 4]]  # two points: no polygon left
     path = write(tmp_path / "bad.json", data)
-    msg = _stops_before_any_model(monkeypatch, train_args(path, tmp_path / "images", tmp_path / "out"))
+    msg = _stops_before_any_model(
+        monkeypatch, train_args(path, tmp_path / "images", tmp_path / "out")
+    )
     assert "bad.json" in msg and "all 6 annotations were dropped" in msg
     assert "no_valid_polygon" in msg and "polygon_too_few_points" in msg
 
@@ -149,7 +176,8 @@ def test_other_validation_categories_are_an_error(tmp_path, monkeypatch):
     val["categories"][1]["name"] = "circle"
     paths = [write(tmp_path / "train.json", train), write(tmp_path / "val.json", val)]
     msg = _stops_before_any_model(
-        monkeypatch, train_args(paths[0], tmp_path / "images", tmp_path / "out", paths[1]))
+        monkeypatch, train_args(paths[0], tmp_path / "images", tmp_path / "out", paths[1])
+    )
     assert "val.json" in msg and "train.json" in msg
     assert "['triangle']" in msg and "['circle']" in msg
 
@@ -171,9 +199,21 @@ def test_validation_with_other_ids_is_matched_by_name(tmp_path, caplog):
         a["category_id"] = swap[a["category_id"]]
     paths = [write(tmp_path / "train.json", train), write(tmp_path / "val.json", val)]
     root = str(tmp_path / "images")
-    cfg = setup_cfg(DEMO_CONFIG, ["DATASETS.CMRCNN.TRAIN_JSON", paths[0], "DATASETS.CMRCNN.TRAIN_IMAGE_ROOT", root,
-                                  "DATASETS.CMRCNN.VAL_JSON", paths[1], "DATASETS.CMRCNN.VAL_IMAGE_ROOT", root,
-                                  "MODEL.ROI_HEADS.NUM_CLASSES", 0])  # fmt: skip
+    cfg = setup_cfg(
+        DEMO_CONFIG,
+        [
+            "DATASETS.CMRCNN.TRAIN_JSON",
+            paths[0],
+            "DATASETS.CMRCNN.TRAIN_IMAGE_ROOT",
+            root,
+            "DATASETS.CMRCNN.VAL_JSON",
+            paths[1],
+            "DATASETS.CMRCNN.VAL_IMAGE_ROOT",
+            root,
+            "MODEL.ROI_HEADS.NUM_CLASSES",
+            0,
+        ],
+    )
     assert list(cfg.MODEL.CMRCNN.CLASS_NAMES) == ["square", "triangle"]
     meta = MetadataCatalog.get("user_val")
     assert meta.thing_classes == ["square", "triangle"]
@@ -186,11 +226,18 @@ def test_validation_with_other_ids_is_matched_by_name(tmp_path, caplog):
     ev.reset()
     for d in DatasetCatalog.get("user_val"):
         gt = utils.annotations_to_instances(d["annotations"], (SIZE, SIZE), mask_format="bitmask")
-        pred = Instances((SIZE, SIZE), pred_boxes=Boxes(gt.gt_boxes.tensor), pred_classes=gt.gt_classes,
-                         scores=torch.ones(len(gt)), pred_masks=gt.gt_masks.tensor)  # fmt: skip
+        pred = Instances(
+            (SIZE, SIZE),
+            pred_boxes=Boxes(gt.gt_boxes.tensor),
+            pred_classes=gt.gt_classes,
+            scores=torch.ones(len(gt)),
+            pred_masks=gt.gt_masks.tensor,
+        )
         ev.process([{"image_id": d["image_id"]}], [{"instances": pred}])
     results = ev.evaluate()
-    assert results["segm"]["AP"] == pytest.approx(100) and results["bbox"]["AP"] == pytest.approx(100)
+    assert results["segm"]["AP"] == pytest.approx(100) and results["bbox"]["AP"] == pytest.approx(
+        100
+    )
 
 
 # ------------------------------------------------------------------ exporters' habits
@@ -211,8 +258,13 @@ def _perfect_ap(json_file, root, name):
     ev.reset()
     for d in DatasetCatalog.get(name):
         gt = utils.annotations_to_instances(d["annotations"], (SIZE, SIZE), mask_format="bitmask")
-        pred = Instances((SIZE, SIZE), pred_boxes=Boxes(gt.gt_boxes.tensor), pred_classes=gt.gt_classes,
-                         scores=torch.linspace(1, 0.5, len(gt)), pred_masks=gt.gt_masks.tensor)  # fmt: skip
+        pred = Instances(
+            (SIZE, SIZE),
+            pred_boxes=Boxes(gt.gt_boxes.tensor),
+            pred_classes=gt.gt_classes,
+            scores=torch.linspace(1, 0.5, len(gt)),
+            pred_masks=gt.gt_masks.tensor,
+        )
         ev.process([{"image_id": d["image_id"]}], [{"instances": pred}])
     return ev.evaluate()
 
@@ -237,7 +289,9 @@ def test_annotation_id_zero_does_not_change_ap(tmp_path):
     report = validate_coco_json(path, tmp_path / "images")
     assert report.fixed["annotation_id_renumbered"] == 1
     results = _perfect_ap(path, str(tmp_path / "images"), f"id0_{tmp_path.name}")
-    assert results["bbox"]["AP"] == pytest.approx(100) and results["segm"]["AP"] == pytest.approx(100)
+    assert results["bbox"]["AP"] == pytest.approx(100) and results["segm"]["AP"] == pytest.approx(
+        100
+    )
 
 
 def test_labelme_background_and_numeric_names(tmp_path):
@@ -247,8 +301,11 @@ def test_labelme_background_and_numeric_names(tmp_path):
     from cmrcnn_ext.data.coco import register_coco_dataset
 
     data = make_polygons(tmp_path, n=2)
-    data["categories"] = [{"id": 0, "name": "_background_"}, {"id": 1, "name": 1.0},
-                          {"id": 2, "name": 2}]  # fmt: skip
+    data["categories"] = [
+        {"id": 0, "name": "_background_"},
+        {"id": 1, "name": 1.0},
+        {"id": 2, "name": 2},
+    ]
     path = write(tmp_path / "labelme.json", data)
     name = f"labelme_{tmp_path.name}"
     report = register_coco_dataset(name, path, tmp_path / "images")
@@ -286,10 +343,15 @@ def test_other_exporters_habits(tmp_path):
     report = validate_coco_json(path, tmp_path / "images")
     assert report.num_images == 4 and report.num_annotations == 8 and not report.skipped
     assert report.fixed == {
-        "bbox_from_segmentation": 1, "area_added": 1, "area_recomputed": 1, "iscrowd_added": 1,
-        "iscrowd_to_int": 2, "category_id_from_text": 2, "file_name_separator": 1,
+        "bbox_from_segmentation": 1,
+        "area_added": 1,
+        "area_recomputed": 1,
+        "iscrowd_added": 1,
+        "iscrowd_to_int": 2,
+        "category_id_from_text": 2,
+        "file_name_separator": 1,
         "file_name_without_folder": 1,
-    }  # fmt: skip
+    }
     dicts = load_coco_instances(path, tmp_path / "images", f"messy_{tmp_path.name}")
     os.replace(tmp_path / "images" / "sub" / "2.png", tmp_path / "images" / "2.png")
     ref = load_coco_instances(write(tmp_path / "clean.json", clean), tmp_path / "images")
@@ -308,9 +370,17 @@ def test_box_only_data_with_masks_on_is_an_error(tmp_path):
     for ann in data["annotations"]:
         ann["segmentation"] = []  # box-only export
     path = write(tmp_path / "boxes.json", data)
-    opts = ["DATASETS.CMRCNN.TRAIN_JSON", path, "DATASETS.CMRCNN.TRAIN_IMAGE_ROOT", str(tmp_path / "images"),
-            "MODEL.ROI_HEADS.NUM_CLASSES", 0]  # fmt: skip
-    with pytest.raises(CocoDataError, match="(?s)boxes.json.*no annotation .* has a segmentation.*MASK_ON False"):
+    opts = [
+        "DATASETS.CMRCNN.TRAIN_JSON",
+        path,
+        "DATASETS.CMRCNN.TRAIN_IMAGE_ROOT",
+        str(tmp_path / "images"),
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        0,
+    ]
+    with pytest.raises(
+        CocoDataError, match="(?s)boxes.json.*no annotation .* has a segmentation.*MASK_ON False"
+    ):
         setup_cfg(DEMO_CONFIG, opts)
     cfg = setup_cfg(DEMO_CONFIG, opts + ["MODEL.MASK_ON", False])
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 2
@@ -323,10 +393,21 @@ def test_class_without_training_instances_is_reported(tmp_path, caplog):
     train["annotations"] = [a for a in train["annotations"] if a["category_id"] == 1]
     val = make_polygons(tmp_path, n=2, seed=1)
     root = str(tmp_path / "images")
-    cfg = setup_cfg(DEMO_CONFIG, ["DATASETS.CMRCNN.TRAIN_JSON", write(tmp_path / "t.json", train),
-                            "DATASETS.CMRCNN.TRAIN_IMAGE_ROOT", root,
-                            "DATASETS.CMRCNN.VAL_JSON", write(tmp_path / "v.json", val),
-                            "DATASETS.CMRCNN.VAL_IMAGE_ROOT", root, "MODEL.ROI_HEADS.NUM_CLASSES", 0])  # fmt: skip
+    cfg = setup_cfg(
+        DEMO_CONFIG,
+        [
+            "DATASETS.CMRCNN.TRAIN_JSON",
+            write(tmp_path / "t.json", train),
+            "DATASETS.CMRCNN.TRAIN_IMAGE_ROOT",
+            root,
+            "DATASETS.CMRCNN.VAL_JSON",
+            write(tmp_path / "v.json", val),
+            "DATASETS.CMRCNN.VAL_IMAGE_ROOT",
+            root,
+            "MODEL.ROI_HEADS.NUM_CLASSES",
+            0,
+        ],
+    )
     assert "class 'triangle' has 2 validation instances but none to train on" in caplog.text
     assert "instances per class: square: 2, triangle: 0" in caplog.text
     from cmrcnn_ext.data.register import data_summary
@@ -348,7 +429,8 @@ def run(tmp_path_factory):
         val = write(tmp / "val.json", make_polygons(tmp, n=2, seed=1, folder="val"))
         train_net = load_train_net()
         args = train_net.get_parser().parse_args(
-            train_args(train, tmp / "images", tmp / "out", val, tmp / "val"))
+            train_args(train, tmp / "images", tmp / "out", val, tmp / "val")
+        )
         train_net.main(args)
     finally:
         if old is None:
@@ -382,9 +464,13 @@ def test_run_writes_results_curves_and_the_data_summary(run):
 def test_eval_only_needs_trained_weights(run, monkeypatch):
     from cmrcnn_ext.engine.runs import UntrainedEvaluationError
 
-    base = train_args(run["train"], run["tmp"] / "images", run["tmp"] / "eval", run["val"], run["tmp"] / "val")
-    for weights, match in (("", "MODEL.WEIGHTS is empty"),
-                           ("detectron2://ImageNetPretrained/MSRA/R-50.pkl", "ImageNet weights")):  # fmt: skip
+    base = train_args(
+        run["train"], run["tmp"] / "images", run["tmp"] / "eval", run["val"], run["tmp"] / "val"
+    )
+    for weights, match in (
+        ("", "MODEL.WEIGHTS is empty"),
+        ("detectron2://ImageNetPretrained/MSRA/R-50.pkl", "ImageNet weights"),
+    ):
         argv = ["--eval-only"] + base + ["MODEL.WEIGHTS", weights]
         assert match in _stops_before_any_model(monkeypatch, argv, UntrainedEvaluationError)
 
@@ -393,9 +479,12 @@ def test_eval_only_of_the_run_and_untrained_on_request(run):
     from cmrcnn_ext.engine.checkpoint import CheckpointError
 
     train_net = load_train_net()
-    base = train_args(run["train"], run["tmp"] / "images", run["tmp"] / "eval", run["val"], run["tmp"] / "val")
+    base = train_args(
+        run["train"], run["tmp"] / "images", run["tmp"] / "eval", run["val"], run["tmp"] / "val"
+    )
     args = train_net.get_parser().parse_args(
-        ["--eval-only"] + base + ["MODEL.WEIGHTS", str(run["out"] / "model_final.pth")])
+        ["--eval-only"] + base + ["MODEL.WEIGHTS", str(run["out"] / "model_final.pth")]
+    )
     res = train_net.main(args)
     assert res["segm"]["AP"] == pytest.approx(run["results"]["segm"]["AP"])
     assert os.path.isfile(run["tmp"] / "eval" / "results.json")
@@ -406,12 +495,25 @@ def test_eval_only_of_the_run_and_untrained_on_request(run):
     from cmrcnn_ext.config import setup_cfg
 
     five = str(run["tmp"] / "five_classes.pth")
-    torch.save({"model": build_model(setup_cfg(DEMO_CONFIG, [str(x) for x in SMALL_OPTS[:8]] + [
-        "MODEL.ROI_HEADS.NUM_CLASSES", 5])).state_dict()}, five)  # fmt: skip
+    torch.save(
+        {
+            "model": build_model(
+                setup_cfg(
+                    DEMO_CONFIG,
+                    [str(x) for x in SMALL_OPTS[:8]] + ["MODEL.ROI_HEADS.NUM_CLASSES", 5],
+                )
+            ).state_dict()
+        },
+        five,
+    )
     args = train_net.get_parser().parse_args(["--eval-only"] + base + ["MODEL.WEIGHTS", five])
-    with pytest.raises(CheckpointError, match="class layers are for 5 classes, the config's model has 2"):
+    with pytest.raises(
+        CheckpointError, match="class layers are for 5 classes, the config's model has 2"
+    ):
         train_net.main(args)
-    args = train_net.get_parser().parse_args(["--eval-only", "--eval-untrained"] + base + ["MODEL.WEIGHTS", ""])
+    args = train_net.get_parser().parse_args(
+        ["--eval-only", "--eval-untrained"] + base + ["MODEL.WEIGHTS", ""]
+    )
     assert set(train_net.main(args)) == {"bbox", "segm"}
 
 
@@ -420,21 +522,55 @@ def test_predict_with_the_run_folder(run, tmp_path):
     and classes; the packaged demo config (5 classes) is refused; no data set is generated."""
     image = sorted((run["tmp"] / "val").glob("*.png"))[0]
     env = {"CMRCNN_DATA": str(tmp_path / "no_data_here")}
-    proc = run_cli(["-m", "cmrcnn_ext.apps.predict", "--run", str(run["out"]), "--input", str(image),
-                    "--output", str(tmp_path / "pred"), "--score-thresh", "0"], cwd=str(tmp_path), env=env)  # fmt: skip
+    proc = run_cli(
+        [
+            "-m",
+            "cmrcnn_ext.apps.predict",
+            "--run",
+            str(run["out"]),
+            "--input",
+            str(image),
+            "--output",
+            str(tmp_path / "pred"),
+            "--score-thresh",
+            "0",
+        ],
+        cwd=str(tmp_path),
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "pred" / "coco_results.json") as f:
         results = json.load(f)
     assert results and {r["category_id"] for r in results} <= {1, 2}
-    assert not os.path.exists(tmp_path / "no_data_here") and not os.path.exists(tmp_path / "datasets")
+    assert not os.path.exists(tmp_path / "no_data_here") and not os.path.exists(
+        tmp_path / "datasets"
+    )
     # the demo config with this checkpoint: one clear error, no traceback
-    proc = run_cli(["-m", "cmrcnn_ext.apps.predict", "--config-file", os.path.basename(DEMO_CONFIG),
-                    "--weights", str(run["out"] / "model_final.pth"), "--input", str(image),
-                    "--output", str(tmp_path / "pred2")], cwd=str(tmp_path), env=env)  # fmt: skip
+    proc = run_cli(
+        [
+            "-m",
+            "cmrcnn_ext.apps.predict",
+            "--config-file",
+            os.path.basename(DEMO_CONFIG),
+            "--weights",
+            str(run["out"] / "model_final.pth"),
+            "--input",
+            str(image),
+            "--output",
+            str(tmp_path / "pred2"),
+        ],
+        cwd=str(tmp_path),
+        env=env,
+    )
     assert proc.returncode == 2
-    assert "error: Checkpoint" in proc.stderr and "for 2 classes, the config's model has 5" in proc.stderr
+    assert (
+        "error: Checkpoint" in proc.stderr
+        and "for 2 classes, the config's model has 5" in proc.stderr
+    )
     assert "--run OUTPUT_DIR" in proc.stderr and "Traceback" not in proc.stderr
-    assert not os.path.exists(tmp_path / "no_data_here") and not os.path.exists(tmp_path / "datasets")
+    assert not os.path.exists(tmp_path / "no_data_here") and not os.path.exists(
+        tmp_path / "datasets"
+    )
 
 
 def test_class_names_come_with_the_model(run):

@@ -1,5 +1,6 @@
 """Interrupted training loses nothing: kill train_net.py after a checkpoint, resume it, and end
 with the weights of an uninterrupted run (cmrcnn_ext/resume.py, cmrcnn_ext/checkpoint.py)."""
+
 import json
 import os
 import signal
@@ -19,7 +20,8 @@ RUNNER = (
     "import logging, runpy, sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); "
     "torch.set_num_threads(1); "
     "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s'); "
-    "sys.argv = ['train_net.py'] + sys.argv[1:]; runpy.run_path('train_net.py', run_name='__main__')"
+    "sys.argv = ['train_net.py'] + sys.argv[1:]; "
+    "runpy.run_path('train_net.py', run_name='__main__')"
 )
 
 
@@ -34,11 +36,13 @@ def _make_data(root):
             data = json.load(f)
         offset_img, offset_ann = len(merged["images"]), len(merged["annotations"])
         for img in data["images"]:
-            merged["images"].append({**img, "id": img["id"] + offset_img,
-                                     "file_name": f"{split}/{img['file_name']}"})  # fmt: skip
+            merged["images"].append(
+                {**img, "id": img["id"] + offset_img, "file_name": f"{split}/{img['file_name']}"}
+            )
         for ann in data["annotations"]:
-            merged["annotations"].append({**ann, "id": ann["id"] + offset_ann,
-                                          "image_id": ann["image_id"] + offset_img})  # fmt: skip
+            merged["annotations"].append(
+                {**ann, "id": ann["id"] + offset_ann, "image_id": ann["image_id"] + offset_img}
+            )
         merged["categories"] = data["categories"]
     json_file = os.path.join(root, "train.json")
     with open(json_file, "w") as f:
@@ -48,42 +52,77 @@ def _make_data(root):
 
 def _command(data_root, json_file, out_dir, resume=False):
     opts = [
-        "OUTPUT_DIR", out_dir,
-        "SEED", 0,
-        "SOLVER.MAX_ITER", 8,
-        "SOLVER.CHECKPOINT_PERIOD", 3,
-        "SOLVER.IMS_PER_BATCH", 2,
-        "SOLVER.BASE_LR", 0.01,
-        "SOLVER.WARMUP_ITERS", 10,  # the LR changes at every iteration
-        "DATALOADER.NUM_WORKERS", 0,
-        "DATASETS.TEST", "()",
-        "TEST.EVAL_PERIOD", 0,
-        "INPUT.MASK_FORMAT", "bitmask",
-        "INPUT.MIN_SIZE_TRAIN", "(56, 64, 72, 80)",  # random resize + flip: augmentation RNG
-        "INPUT.MAX_SIZE_TRAIN", 96,
+        "OUTPUT_DIR",
+        out_dir,
+        "SEED",
+        0,
+        "SOLVER.MAX_ITER",
+        8,
+        "SOLVER.CHECKPOINT_PERIOD",
+        3,
+        "SOLVER.IMS_PER_BATCH",
+        2,
+        "SOLVER.BASE_LR",
+        0.01,
+        "SOLVER.WARMUP_ITERS",
+        10,  # the LR changes at every iteration
+        "DATALOADER.NUM_WORKERS",
+        0,
+        "DATASETS.TEST",
+        "()",
+        "TEST.EVAL_PERIOD",
+        0,
+        "INPUT.MASK_FORMAT",
+        "bitmask",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(56, 64, 72, 80)",  # random resize + flip: augmentation RNG
+        "INPUT.MAX_SIZE_TRAIN",
+        96,
         # a small model: fast enough for a test
-        "MODEL.FPN.OUT_CHANNELS", 32,
-        "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
-        "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
-        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200,
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN", 32,
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16,
-    ]  # fmt: skip
-    cmd = [sys.executable, "-c", RUNNER, "--config-file", DEMO_CONFIG,
-           "--train-json", json_file, "--train-images", data_root]  # fmt: skip
+        "MODEL.FPN.OUT_CHANNELS",
+        32,
+        "MODEL.ROI_BOX_HEAD.FC_DIM",
+        64,
+        "MODEL.ROI_MASK_HEAD.CONV_DIM",
+        32,
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+        200,
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+        32,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        16,
+    ]
+    cmd = [
+        sys.executable,
+        "-c",
+        RUNNER,
+        "--config-file",
+        DEMO_CONFIG,
+        "--train-json",
+        json_file,
+        "--train-images",
+        data_root,
+    ]
     return cmd + (["--resume"] if resume else []) + [str(x) for x in opts]
 
 
 def _env(tmp_path):
-    env = dict(os.environ, CMRCNN_EXT_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # fmt: skip
+    env = dict(
+        os.environ,
+        CMRCNN_EXT_CACHE_DIR=str(tmp_path / "cache"),
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+    )
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
 def _start(cmd, tmp_path, name):
     with open(tmp_path / f"{name}.log", "w") as log:
-        return subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT
+        )
 
 
 def _finish(proc, tmp_path, name, timeout=300):
@@ -136,7 +175,11 @@ def test_killed_and_resumed_training_matches_uninterrupted(tmp_path):
     ]
 
     # 3. resume: iterations 6 and 7
-    log = _finish(_start(_command(data_root, json_file, killed, True), tmp_path, "resumed"), tmp_path, "resumed")
+    log = _finish(
+        _start(_command(data_root, json_file, killed, True), tmp_path, "resumed"),
+        tmp_path,
+        "resumed",
+    )
     assert "Starting training from iteration 6" in log
     assert "Training data resumes at iteration 6" in log
     assert "Restoring the RNG states" in log
@@ -145,7 +188,9 @@ def test_killed_and_resumed_training_matches_uninterrupted(tmp_path):
     b = torch.load(os.path.join(killed, "model_final.pth"), weights_only=True)
     assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == 7
     assert a["model"].keys() == b["model"].keys()
-    worst = max((a["model"][k].double() - b["model"][k].double()).abs().max().item() for k in a["model"])
+    worst = max(
+        (a["model"][k].double() - b["model"][k].double()).abs().max().item() for k in a["model"]
+    )
     assert worst <= 1e-6, f"final weights differ by up to {worst}"
     # same LR schedule position and optimizer state (momentum buffers)
     assert a["trainer"]["hooks"]["LRScheduler"] == b["trainer"]["hooks"]["LRScheduler"]
@@ -181,10 +226,11 @@ def test_resumable_loader_continues_detectron2s_data_stream(grouping, workers):
     round-robin: with grouping, the output order is not the sampler's."""
     import itertools
 
-    import cmrcnn_ext
-    from cmrcnn_ext.engine.resume import build_resumable_train_loader
     from detectron2.data import build_detection_train_loader
     from detectron2.utils.events import EventStorage
+
+    import cmrcnn_ext
+    from cmrcnn_ext.engine.resume import build_resumable_train_loader
 
     # 11 images, wide and tall: aspect-ratio groups fill unevenly, some images wait in them
     dicts = [{"idx": i, "width": 100 if i % 3 else 50, "height": 60} for i in range(11)]
@@ -252,7 +298,7 @@ def test_images_waiting_in_a_group_are_mapped_again_without_shifting_the_rng_str
 def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
     import random
 
-    from cmrcnn_ext.engine.resume import get_rng_state, set_rng_state
+    from cmrcnn_ext.engine.rng import get_rng_state, set_rng_state
 
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
     np.random.normal()  # a cached gaussian in numpy's state
@@ -267,7 +313,7 @@ def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
 def test_rng_hook_hides_what_runs_between_steps_and_restores_on_resume():
     import random
 
-    from cmrcnn_ext.engine.resume import RNGStateHook
+    from cmrcnn_ext.engine.rng import RNGStateHook
 
     def draw():
         return torch.rand(2).tolist() + [float(np.random.rand()), random.random()]

@@ -4,14 +4,15 @@ For every mask mode: TTA over several scales and flips runs and gives masks, and
 scale equal to the test size and no flip gives plain inference's detections and masks. Also
 train_net.py with TEST.AUG.ENABLED, after training and with --eval-only.
 """
+
 import os
 
 import numpy as np
 import pytest
 import torch
+from detectron2.modeling import GeneralizedRCNNWithTTA, build_model
 
 from conftest import DEMO_CONFIG, tiny_cfg
-from detectron2.modeling import GeneralizedRCNNWithTTA, build_model
 
 MODES = [("first", "last"), ("last", "last"), ("all", "last"), ("all", "mean")]
 TEST_SIZE = 128  # tiny_cfg's INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST
@@ -25,11 +26,14 @@ def _model(mask_stages, merge, *opts):
     SCORE_THRESH_TEST 0.4 keeps a moderate number of detections per image.
     """
     cfg = tiny_cfg(
-        "MODEL.CMRCNN.MASK_STAGES", mask_stages,
-        "MODEL.CMRCNN.TEST_MASK_MERGE", merge,
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.4,
+        "MODEL.CMRCNN.MASK_STAGES",
+        mask_stages,
+        "MODEL.CMRCNN.TEST_MASK_MERGE",
+        merge,
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+        0.4,
         *opts,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     for predictor in model.roi_heads.box_predictor:
@@ -47,7 +51,7 @@ def _inputs():
         for _ in range(4):  # a few filled rectangles as "objects"
             y0, x0 = rng.integers(0, h - 20), rng.integers(0, w - 20)
             dy, dx = rng.integers(10, h // 2), rng.integers(10, w // 2)
-            img[y0:y0 + dy, x0:x0 + dx] = rng.integers(0, 255, 3)
+            img[y0 : y0 + dy, x0 : x0 + dx] = rng.integers(0, 255, 3)
         image = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
         items.append({"image": image, "height": oh, "width": ow})
     return items
@@ -66,11 +70,15 @@ def test_multi_scale_flip_tta_runs(mask_stages, merge):
     # Detectron2's default TEST.AUG (short sides 400-1200, flip) scaled down to the 128 px test
     # size: three scales (one below, one at, one above the test size) and flips.
     cfg, model = _model(
-        mask_stages, merge,
-        "TEST.AUG.MIN_SIZES", (96, 128, 160),
-        "TEST.AUG.MAX_SIZE", 213,
-        "TEST.AUG.FLIP", True,
-    )  # fmt: skip
+        mask_stages,
+        merge,
+        "TEST.AUG.MIN_SIZES",
+        (96, 128, 160),
+        "TEST.AUG.MAX_SIZE",
+        213,
+        "TEST.AUG.FLIP",
+        True,
+    )
     tta = GeneralizedRCNNWithTTA(cfg, model)
     with torch.no_grad():
         outputs = tta(_inputs())
@@ -99,11 +107,15 @@ def _match(plain, tta):
 @pytest.mark.parametrize("mask_stages,merge", MODES)
 def test_single_scale_tta_equals_plain_inference(mask_stages, merge):
     cfg, model = _model(
-        mask_stages, merge,
-        "TEST.AUG.MIN_SIZES", (TEST_SIZE,),
-        "TEST.AUG.MAX_SIZE", TEST_SIZE,
-        "TEST.AUG.FLIP", False,
-    )  # fmt: skip
+        mask_stages,
+        merge,
+        "TEST.AUG.MIN_SIZES",
+        (TEST_SIZE,),
+        "TEST.AUG.MAX_SIZE",
+        TEST_SIZE,
+        "TEST.AUG.FLIP",
+        False,
+    )
     tta = GeneralizedRCNNWithTTA(cfg, model)
     for item in _inputs():
         with torch.no_grad():
@@ -129,22 +141,44 @@ def test_single_scale_tta_equals_plain_inference(mask_stages, merge):
 def test_train_net_runs_tta_after_training_and_with_eval_only(tmp_path, monkeypatch):
     """train_net.py with TEST.AUG.ENABLED: TTA after the last iteration, and in --eval-only
     its ``*_TTA`` results next to the plain ones; files in OUTPUT_DIR/inference_TTA/."""
-    from test_coco_data import _quirky
     from test_train_cli import SMALL, load_train_net
+
+    from test_coco_data import _quirky
 
     monkeypatch.setenv("CMRCNN_EXT_CACHE_DIR", str(tmp_path / "clean_cache"))
     json_file, root, _ = _quirky(tmp_path)
     out = tmp_path / "out"
     train_net = load_train_net()
     argv = [
-        "--config-file", DEMO_CONFIG, "--train-json", json_file, "--train-images", root,
-        "--val-json", json_file, "--val-images", root,
-        "MODEL.ROI_HEADS.NUM_CLASSES", "0", "OUTPUT_DIR", str(out),
+        "--config-file",
+        DEMO_CONFIG,
+        "--train-json",
+        json_file,
+        "--train-images",
+        root,
+        "--val-json",
+        json_file,
+        "--val-images",
+        root,
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "0",
+        "OUTPUT_DIR",
+        str(out),
         *[str(x) for x in SMALL],
         # fast: one float32 iteration (training is not what is tested), 10 detections per image
-        "SOLVER.MAX_ITER", "1", "SOLVER.AMP.ENABLED", "False", "TEST.DETECTIONS_PER_IMAGE", "10",
-        "TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(64,)", "TEST.AUG.MAX_SIZE", "100",
-    ]  # fmt: skip
+        "SOLVER.MAX_ITER",
+        "1",
+        "SOLVER.AMP.ENABLED",
+        "False",
+        "TEST.DETECTIONS_PER_IMAGE",
+        "10",
+        "TEST.AUG.ENABLED",
+        "True",
+        "TEST.AUG.MIN_SIZES",
+        "(64,)",
+        "TEST.AUG.MAX_SIZE",
+        "100",
+    ]
     train_net.main(train_net.get_parser().parse_args(argv))
     tta_dir = out / "inference_TTA" / "user_val"
     assert os.path.isfile(tta_dir / "instances_predictions.pth")  # written by the TTA hook

@@ -1,14 +1,19 @@
-"""cmrcnn_ext.config.validate: every rule names its key; all problems are reported at once."""
+"""cmrcnn_ext.config.validate: every rule names its key; all problems are reported at once;
+the ROI heads' constructor and former key names go through the same rules."""
+
 import glob
 import os
 
 import pytest
+import yaml
 
 import cmrcnn_ext
-from cmrcnn_ext.config.hparams import get_hparam
-from cmrcnn_ext.config.validate import ConfigError, config_problems, validate_config
+from cmrcnn_ext.config import load_config, schema
+from cmrcnn_ext.config.tuned import TUNED, TUNED_BY_NAME
+from cmrcnn_ext.config.validate import ConfigError, check_values, config_problems, validate_config
+from cmrcnn_ext.config.values import Allowed, cfg_value, plain_value
 
-from conftest import CONFIGS
+from conftest import CONFIGS, DEMO_CONFIG, tiny_cfg
 
 REFERENCE = os.path.join(CONFIGS, "cascade_mask_rcnn_R_50_FPN_reference.yaml")
 RUNNABLE = sorted(
@@ -144,9 +149,10 @@ CASES = [
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
     ),
     ("ims_per_batch_0", ["SOLVER.IMS_PER_BATCH", 0], "SOLVER.IMS_PER_BATCH"),
-    ("optimizer_unknown", ["SOLVER.CMRCNN_OPTIMIZER", "Adam"], "SOLVER.CMRCNN_OPTIMIZER"),
-    ("betas_one", ["SOLVER.CMRCNN_BETAS", [0.9, 1.0]], "SOLVER.CMRCNN_BETAS"),
-    ("betas_three", ["SOLVER.CMRCNN_BETAS", [0.9, 0.99, 0.5]], "SOLVER.CMRCNN_BETAS"),
+    ("optimizer_unknown", ["SOLVER.CMRCNN.OPTIMIZER", "Adam"], "SOLVER.CMRCNN.OPTIMIZER"),
+    ("betas_one", ["SOLVER.CMRCNN.BETAS", [0.9, 1.0]], "SOLVER.CMRCNN.BETAS"),
+    ("betas_three", ["SOLVER.CMRCNN.BETAS", [0.9, 0.99, 0.5]], "SOLVER.CMRCNN.BETAS"),
+    ("evaluator_unknown", ["TEST.CMRCNN.EVALUATOR", "fast"], "TEST.CMRCNN.EVALUATOR"),
 ]
 
 
@@ -200,13 +206,19 @@ def test_plain_detectron2_config_is_valid():
 
 def test_all_problems_reported_at_once():
     cfg = reference(
-        "MODEL.RPN.IOU_THRESHOLDS", [0.7, 0.3],
-        "MODEL.BACKBONE.FREEZE_AT", 9,
-        "MODEL.RPN.POST_NMS_TOPK_TEST", 9999,
-        "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", -1,
-        "MODEL.CMRCNN.MASK_STAGES", "first",
-        "MODEL.RESNETS.DEPTH", 7,
-    )  # fmt: skip
+        "MODEL.RPN.IOU_THRESHOLDS",
+        [0.7, 0.3],
+        "MODEL.BACKBONE.FREEZE_AT",
+        9,
+        "MODEL.RPN.POST_NMS_TOPK_TEST",
+        9999,
+        "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO",
+        -1,
+        "MODEL.CMRCNN.MASK_STAGES",
+        "first",
+        "MODEL.RESNETS.DEPTH",
+        7,
+    )
     with pytest.raises(ConfigError) as info:
         validate_config(cfg)
     keys = [p.split(" = ")[0] for p in info.value.problems]
@@ -225,10 +237,118 @@ def test_all_problems_reported_at_once():
     assert all(p in message for p in info.value.problems)
 
 
-def test_allowed_values_come_from_hparams(monkeypatch):
-    """One source of truth: narrowing an HParam's allowed range changes what is rejected."""
-    cfg = reference("MODEL.BACKBONE.FREEZE_AT", 4)
+def test_allowed_values_come_from_the_declarations(monkeypatch):
+    """One source of truth: narrowing a declared allowed range changes what is rejected."""
+    cfg = reference("MODEL.BACKBONE.FREEZE_AT", 4, "SOLVER.CMRCNN.OPTIMIZER", "AdamW")
     assert config_problems(cfg) == []
-    monkeypatch.setattr(get_hparam("MODEL.BACKBONE.FREEZE_AT").allowed, "high", 3)
-    (line,) = config_problems(cfg)
-    assert line.startswith("MODEL.BACKBONE.FREEZE_AT = 4")
+    monkeypatch.setattr(TUNED_BY_NAME["MODEL.BACKBONE.FREEZE_AT"].allowed, "high", 3)
+    monkeypatch.setattr(schema.get_key("SOLVER.CMRCNN.OPTIMIZER").allowed, "values", ("SGD",))
+    keys = [p.split(" = ")[0] for p in config_problems(cfg)]
+    assert keys == ["SOLVER.CMRCNN.OPTIMIZER", "MODEL.BACKBONE.FREEZE_AT"]
+
+
+_NOT_ALLOWED = ["__invalid__", -1, 0.5, [-1], [[-1.0]], None]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [e for e in schema.KEYS + TUNED if type(e.allowed) is not Allowed],
+    ids=lambda e: e.key,
+)
+def test_every_declared_key_is_validated(entry):
+    """Each key with checkable allowed values is rejected, by name, with a value outside them
+    (given as a flat mapping: the rules read mappings as they read configs)."""
+    bad = next(v for v in _NOT_ALLOWED if not entry.allowed.contains(v))
+    with pytest.raises(ConfigError) as info:
+        check_values({entry.key: bad})
+    (line,) = info.value.problems
+    assert line.startswith(f"{entry.key} = ") and str(entry.allowed) in line, line
+
+
+def test_free_text_keys_are_documented_as_such():
+    free = {e.key for e in schema.KEYS + TUNED if type(e.allowed) is Allowed}
+    assert free == {
+        "MODEL.BACKBONE.NAME",
+        "MODEL.WEIGHTS",
+        "DATASETS.CMRCNN.TRAIN_JSON",
+        "DATASETS.CMRCNN.TRAIN_IMAGE_ROOT",
+        "DATASETS.CMRCNN.VAL_JSON",
+        "DATASETS.CMRCNN.VAL_IMAGE_ROOT",
+    }
+
+
+# ROI heads' arguments that the constructor rejects (overrides of the tiny demo config)
+CONSTRUCTOR_CASES = [
+    ["MODEL.CMRCNN.MASK_STAGES", "middle"],
+    ["MODEL.CMRCNN.TEST_MASK_MERGE", "max"],
+    ["MODEL.CMRCNN.TEST_MASK_MERGE", "mean"],  # the demo config's MASK_STAGES is "last"
+    ["MODEL.CMRCNN.STAGE_LOSS_WEIGHTS", [1.0, 0.5]],
+    ["MODEL.CMRCNN.STAGE_LOSS_WEIGHTS", [1.0, -0.5, 1.0]],
+    ["MODEL.CMRCNN.MASK_STAGES", "all", "MODEL.CMRCNN.STAGE_LOSS_WEIGHTS", [1.0, 1.0]],
+]
+
+
+@pytest.mark.parametrize("opts", CONSTRUCTOR_CASES, ids=lambda o: "-".join(map(str, o)))
+def test_constructor_and_validate_config_reject_the_same(opts):
+    """CascadeMaskROIHeads' check is validate_config's rules: the same problem lines."""
+    from detectron2.modeling import build_model
+
+    cfg = tiny_cfg(*opts)
+    expected = config_problems(cfg)
+    assert expected
+    with pytest.raises(ConfigError) as info:
+        build_model(cfg)
+    assert info.value.problems == expected
+
+
+def test_constructor_accepts_valid_arguments():
+    check_values(
+        {
+            "MODEL.CMRCNN.MASK_STAGES": "all",
+            "MODEL.CMRCNN.STAGE_LOSS_WEIGHTS": [1.0, 0.5],
+            "MODEL.CMRCNN.TEST_MASK_MERGE": "mean",
+        },
+        num_stages=2,
+    )
+
+
+def _nested(key, value):
+    """{"A": {"B": value}} for key "A.B"."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+@pytest.mark.parametrize("old,new", sorted(schema.RENAMED.items()))
+def test_former_key_names_fail_naming_the_new_one(old, new, tmp_path):
+    value = schema.get_key(new).default
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(dict(_nested(old, value), _BASE_=DEMO_CONFIG)))
+    for config_file, opts, source in (
+        (str(path), [], str(path)),
+        (DEMO_CONFIG, [old, str(value)], "the command line"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_config(config_file, opts)
+        (line,) = info.value.problems
+        assert f"{old} was renamed to {new}" in line and source in line, line
+    cfg = load_config(DEMO_CONFIG, [new, str(value)])  # the new name works
+    assert plain_value(cfg_value(cfg, new)) == plain_value(value)
+
+
+def test_packaged_configs_use_current_key_names():
+    for path in glob.glob(os.path.join(CONFIGS, "*.yaml")):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        for old in schema.RENAMED:
+            assert old.split(".")[-1] not in text, (path, old)
+
+
+def test_evaluator_and_optimizer_names_are_the_schemas():
+    """The evaluator's defensive check accepts exactly the schema's names."""
+    from cmrcnn_ext.evaluation.coco import EVALUATOR_BACKENDS
+
+    assert tuple(EVALUATOR_BACKENDS) == schema.allowed_values("TEST.CMRCNN.EVALUATOR")
+    assert schema.allowed_values("SOLVER.CMRCNN.OPTIMIZER") == ("SGD", "AdamW")
+    with pytest.raises(TypeError):
+        schema.allowed_values("SOLVER.CMRCNN.BETAS")

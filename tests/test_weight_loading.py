@@ -6,27 +6,33 @@ The layout mapping lives in ``CascadeMaskROIHeads._load_from_state_dict``, so De
 (``train_net.py``), the prediction command and export. The oracle: the model's tensors equal
 the checkpoint's, with the single head copied to every stage for "all".
 """
+
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from conftest import DEMO_CONFIG
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
-from reliability_helpers import SMALL_OPTS, make_data
+from PIL import Image
 
 from cmrcnn_ext import export
 from cmrcnn_ext.apps import predict
-from cmrcnn_ext.engine.checkpoint import CheckpointError, CMRCNNCheckpointer
 from cmrcnn_ext.config import setup_cfg
 from cmrcnn_ext.engine import Trainer
+from cmrcnn_ext.engine.checkpoint import CheckpointError, CMRCNNCheckpointer
 
-BUILTIN = ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads", "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"]
+from conftest import DEMO_CONFIG
+from reliability_helpers import SMALL_OPTS, make_data
+
+BUILTIN = [
+    "MODEL.ROI_HEADS.NAME",
+    "CascadeROIHeads",
+    "MODEL.ROI_MASK_HEAD.NAME",
+    "MaskRCNNConvUpsampleHead",
+]
 MODES = {
     "first": ["MODEL.CMRCNN.MASK_STAGES", "first"],
     "last": ["MODEL.CMRCNN.MASK_STAGES", "last"],
@@ -42,10 +48,13 @@ def setting(tmp_path_factory):
     root = tmp_path_factory.mktemp("weights")
     make_data(root / "data", num_train=3, num_val=0)
     opts = [str(x) for x in SMALL_OPTS] + [
-        "DATASETS.CMRCNN.TRAIN_JSON", str(root / "data" / "train.json"),
-        "DATASETS.CMRCNN.TRAIN_IMAGE_ROOT", str(root / "data" / "train"),
-        "OUTPUT_DIR", str(root / "out"),
-    ]  # fmt: skip
+        "DATASETS.CMRCNN.TRAIN_JSON",
+        str(root / "data" / "train.json"),
+        "DATASETS.CMRCNN.TRAIN_IMAGE_ROOT",
+        str(root / "data" / "train"),
+        "OUTPUT_DIR",
+        str(root / "out"),
+    ]
     torch.manual_seed(1)
     model = build_model(setup_cfg(DEMO_CONFIG, opts + BUILTIN))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -55,7 +64,10 @@ def setting(tmp_path_factory):
 
 
 def _cfg(setting, mode, *extra):
-    return setup_cfg(DEMO_CONFIG, setting["opts"] + MODES[mode] + ["MODEL.WEIGHTS", setting["path"]] + list(extra))
+    return setup_cfg(
+        DEMO_CONFIG,
+        setting["opts"] + MODES[mode] + ["MODEL.WEIGHTS", setting["path"]] + list(extra),
+    )
 
 
 def _expected(state, mode):
@@ -65,7 +77,7 @@ def _expected(state, mode):
     for k, v in state.items():
         if k.startswith(HEAD):
             for stage in range(3):
-                out[HEAD + f"{stage}." + k[len(HEAD):]] = v
+                out[HEAD + f"{stage}." + k[len(HEAD) :]] = v
     return out
 
 
@@ -96,7 +108,9 @@ def test_train_net_loading(setting, mode):
     cfg = _cfg(setting, mode)
     # --eval-only: Trainer.build_model + the project's checkpointer (train_net.main)
     model = Trainer.build_model(cfg)
-    CMRCNNCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    CMRCNNCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        cfg.MODEL.WEIGHTS, resume=False
+    )
     _assert_loaded(model, setting, mode)
     # training from MODEL.WEIGHTS
     trainer = Trainer(cfg)
@@ -120,8 +134,20 @@ def test_prediction_command_uses_the_checkpoint(setting, mode, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(cfg.dump())
     out = tmp_path / "pred"
-    predict.main(["--config-file", str(config), "--weights", setting["path"], "--input",
-                  str(tmp_path / "img.png"), "--output", str(out), "--score-thresh", "0.0"])  # fmt: skip
+    predict.main(
+        [
+            "--config-file",
+            str(config),
+            "--weights",
+            setting["path"],
+            "--input",
+            str(tmp_path / "img.png"),
+            "--output",
+            str(out),
+            "--score-thresh",
+            "0.0",
+        ]
+    )
     with open(out / "coco_results.json") as f:
         got = json.load(f)
     reference = DefaultPredictor(cfg)(img[:, :, ::-1].copy())["instances"]  # read_image gives BGR

@@ -33,6 +33,7 @@ that can be applied at run time instead live in ``cmrcnn_ext/compat.py``.
 These fixes are here, at install time, because they must hold when ``detectron2`` is imported
 on its own (a user's script that never imports cmrcnn_ext).
 """
+
 import argparse
 import glob
 import importlib.util
@@ -128,9 +129,7 @@ def __getattr__(name):
         "Cascade Mask R-CNN does not need it. For rotated boxes, deformable convolution or the "
         "C++ COCO evaluator, install official detectron2 from its git repository."
     )
-'''.format(
-    level=PATCH_LEVEL
-)
+'''.format(level=PATCH_LEVEL)
 
 
 def apply_patches(root, patches=PATCHES, log=print):
@@ -221,7 +220,9 @@ def find_official_wheel(explicit=None):
     if explicit:
         return (explicit if os.path.isfile(explicit) else None), [explicit]
     patterns = [
-        os.path.join(_REPO, os.pardir, "shared", "detectron2", "main-*", f"detectron2-*-{tag}-*.whl"),
+        os.path.join(
+            _REPO, os.pardir, "shared", "detectron2", "main-*", f"detectron2-*-{tag}-*.whl"
+        ),
         os.path.join("/work", "shared", "detectron2", "main-*", f"detectron2-*-{tag}-*.whl"),
     ]
     for pattern in patterns:

@@ -11,6 +11,7 @@ names stored with the exported model come from the config. The exported model's 
 docs/export.md; after export, the exported model is checked against the eager one on the sample
 image and a resized copy (``--no-check`` skips it).
 """
+
 import argparse
 import os
 

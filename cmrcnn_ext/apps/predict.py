@@ -1,8 +1,10 @@
 """Predict on images with a trained checkpoint: overlay PNGs and a COCO results JSON.
 
-    python -m cmrcnn_ext.apps.predict --run output/mydata --input "photos/*.jpg" --output predictions
-    python -m cmrcnn_ext.apps.predict --config-file cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml \\
+    cmrcnn-predict --run output/mydata --input "photos/*.jpg" --output predictions
+    cmrcnn-predict --config-file cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml \\
         --weights output/demo/model_final.pth --input "photos/*.jpg" --output predictions
+
+(also ``python -m cmrcnn_ext.apps.predict ...``).
 
 ``--run`` takes a training run's ``OUTPUT_DIR``: the model's config (``config.yaml``, with its
 class names) and its final checkpoint; no data set is read. A checkpoint that does not fit the
@@ -15,6 +17,7 @@ category ids are those of that ground-truth file (matched by file name), so pyco
 evaluate it directly; otherwise images are numbered from 1 in input order and categories are
 1..K in class order.
 """
+
 import argparse
 import glob
 import json
@@ -120,7 +123,6 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
 
     import torch
-
     from detectron2.data import Metadata
     from detectron2.data.detection_utils import read_image
     from detectron2.utils.logger import setup_logger
@@ -131,9 +133,11 @@ def main(argv=None):
     setup_logger(name="cmrcnn_ext")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     opts = list(args.opts) + [
-        "MODEL.DEVICE", device,
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", args.score_thresh,
-    ]  # fmt: skip
+        "MODEL.DEVICE",
+        device,
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+        args.score_thresh,
+    ]
     cfg = inference_config(args.config_file, args.weights, args.run, opts)
     paths = collect_inputs(args.input)
     predictor = build_predictor(cfg)

@@ -6,14 +6,15 @@ overrides into Detectron2's defaults plus cmrcnn_ext's keys. Registering data se
 (:func:`cmrcnn_ext.validate_config`) are separate, explicit steps: prediction and export use the
 config without reading any data set.
 """
+
 import difflib
 import logging
 
 import torch
 
 from cmrcnn_ext.config.defaults import add_cmrcnn_config
-from cmrcnn_ext.model_zoo import resolve_config_file
 from cmrcnn_ext.config.validate import ConfigError, validate_config
+from cmrcnn_ext.model_zoo import resolve_config_file
 
 __all__ = ["load_config", "setup_cfg"]
 
@@ -32,14 +33,16 @@ def load_config(config_file, opts=()):
         CfgNode
 
     Raises:
-        ConfigError: unknown keys (with close matches).
+        ConfigError: unknown keys (with close matches), or former key names (naming the
+            current one).
         ConfigFileNotFoundError: no such file or packaged config.
     """
     from detectron2.config import get_cfg
 
     cfg = add_cmrcnn_config(get_cfg())
     config_file = resolve_config_file(config_file)
-    # yacs raises KeyError (file) or AssertionError (list) for keys the config does not have
+    # yacs raises KeyError (file) or AssertionError (list) for keys the config does not have,
+    # and KeyError for former key names (cmrcnn_ext.config.schema.RENAMED)
     for source, merge, arg in (
         (config_file, cfg.merge_from_file, config_file),
         ("the command line", cfg.merge_from_list, list(opts)),
@@ -47,9 +50,12 @@ def load_config(config_file, opts=()):
         try:
             merge(arg)
         except (KeyError, AssertionError) as e:
-            if "Non-existent" not in str(e):
+            text = str(e.args[0]) if e.args else str(e)
+            if "was renamed" in text:
+                raise ConfigError([f"In {source}: {text}"]) from None
+            if "Non-existent" not in text:
                 raise
-            raise ConfigError([_unknown_key_message(cfg, str(e), source)]) from None
+            raise ConfigError([_unknown_key_message(cfg, text, source)]) from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning(
             "MODEL.DEVICE=%s but CUDA is not available: running on the CPU.", cfg.MODEL.DEVICE
@@ -74,7 +80,7 @@ def _unknown_key_message(cfg, error, source):
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return (
         f"Unknown config key {key!r} in {source}.{hint} Keys are Detectron2's (detectron2/config/"
-        "defaults.py) and cmrcnn_ext's (python -m cmrcnn_ext.config.hparams lists the tuned ones)"
+        "defaults.py) and cmrcnn_ext's (docs/config.md lists them and the tuned ones)"
     )
 
 

@@ -2,10 +2,16 @@
 
 Detectron2 checks few config values, and those with bare ``assert`` statements deep inside model
 construction (or not at all: a sampling ratio of -1 or a post-NMS count above the pre-NMS count
-runs silently). :func:`validate_config` checks the keys documented in :mod:`cmrcnn_ext.config.hparams`
-against their allowed values (the same table the README shows) plus the rules that relate
-several keys, and reports all problems in one :class:`ConfigError`, one line each naming the key,
-its value, what is allowed and how to fix it.
+runs silently). This module holds every config rule of cmrcnn_ext, once: the allowed values of
+cmrcnn_ext's keys (:mod:`cmrcnn_ext.config.schema`) and of the tuned Detectron2 keys
+(:mod:`cmrcnn_ext.config.tuned`), and the rules that relate several keys. It reports all
+problems in one :class:`ConfigError`, one line each naming the key, its value, what is allowed
+and how to fix it.
+
+The rules read either a whole config (:func:`validate_config`) or a flat ``{dotted key: value}``
+mapping of some keys (:func:`check_values`, which :class:`~cmrcnn_ext.modeling.roi_heads.
+CascadeMaskROIHeads` calls with its constructor's arguments); rules whose keys are absent are
+skipped.
 
 Example::
 
@@ -14,24 +20,30 @@ Example::
     validate_config(cfg)  # raises ConfigError listing every problem
     predictor = DefaultPredictor(cfg)
 """
-from typing import Any, Callable, List, Set
 
+from typing import Any, Callable, List, Mapping, Optional, Set
+
+from cmrcnn_ext.config.schema import KEYS
+from cmrcnn_ext.config.tuned import TUNED, Tuned
+from cmrcnn_ext.config.values import cfg_value, format_value
 from cmrcnn_ext.errors import UserError
-from cmrcnn_ext.config.hparams import CASCADE_ROI_HEADS, HPARAMS, cfg_value, format_value
 
-__all__ = ["ConfigError", "config_problems", "validate_config"]
+__all__ = ["ConfigError", "check_values", "config_problems", "validate_config"]
 
+#: ``MODEL.ROI_HEADS.NAME`` values that build a cascade (class-agnostic regression required).
+CASCADE_ROI_HEADS = ("CascadeMaskROIHeads", "CascadeROIHeads")
+# every key with declared allowed values: cmrcnn_ext's own, then the tuned Detectron2 ones
+DOCUMENTED = KEYS + TUNED
+_IOUS = "MODEL.ROI_BOX_CASCADE_HEAD.IOUS"
 _PER_LEVEL = (
     "In Detectron2 with FPN, PRE_NMS_TOPK_* counts proposals per FPN level and POST_NMS_TOPK_* "
     "per image, so Detectron2 itself accepts this; cmrcnn_ext requires post <= pre so that NMS "
     "has at least as many candidates on every level as it may return."
 )
+# fixes that say more than "use an allowed value"
 _FIXES = {
     "MODEL.BACKBONE.FREEZE_AT": "use 0 (train every stage) .. 5 (freeze the whole ResNet); 2 "
     "freezes the stem and res2",
-    "MODEL.RESNETS.DEPTH": "use one of Detectron2's ResNets: 18, 34, 50, 101 or 152",
-    "MODEL.CMRCNN.MASK_STAGES": 'use "first", "last" or "all"',
-    "MODEL.CMRCNN.TEST_MASK_MERGE": 'use "last", or "mean" with MASK_STAGES "all"',
     "MODEL.ROI_HEADS.NUM_CLASSES": "set the number of classes of your data set (COCO: 80)",
 }
 
@@ -47,10 +59,17 @@ class ConfigError(UserError, ValueError):
 
 
 class _Checker:
-    """Collects problem lines; keys already reported are skipped by cross-key rules."""
+    """Collects problem lines; keys already reported are skipped by cross-key rules.
 
-    def __init__(self, cfg):
+    Args:
+        cfg: a ``CfgNode`` or a flat ``{dotted key: value}`` mapping.
+        num_stages: the number of cascade stages, when ``cfg`` does not give it through
+            ``MODEL.ROI_BOX_CASCADE_HEAD.IOUS`` (the ROI heads' constructor).
+    """
+
+    def __init__(self, cfg, num_stages: Optional[int] = None):
         self.cfg = cfg
+        self.num_stages = num_stages
         self.problems: List[str] = []
         self.bad: Set[str] = set()
 
@@ -73,15 +92,17 @@ class _Checker:
 
 
 def _check_documented_keys(c: _Checker) -> None:
-    """Every key of :data:`cmrcnn_ext.config.hparams.HPARAMS` present in the config, against its
-    ``allowed`` values."""
-    for hp in HPARAMS:
-        if not c.has(hp.key) or hp.allowed.contains(c.get(hp.key)):
+    """Every key of :data:`DOCUMENTED` present in the config, against its ``allowed``."""
+    for entry in DOCUMENTED:
+        if not c.has(entry.key) or entry.allowed.contains(c.get(entry.key)):
             continue
-        fix = _FIXES.get(
-            hp.key, f"set an allowed value, e.g. the reference {format_value(hp.default)}"
-        )
-        c.add(hp.key, "not an allowed value", str(hp.allowed), fix)
+        if entry.key in _FIXES:
+            fix = _FIXES[entry.key]
+        elif isinstance(entry, Tuned):
+            fix = f"set an allowed value, e.g. the reference {format_value(entry.reference)}"
+        else:
+            fix = f"set an allowed value, e.g. the default {format_value(entry.default)}"
+        c.add(entry.key, "not an allowed value", str(entry.allowed), fix)
 
 
 def _check_rpn(c: _Checker) -> None:
@@ -121,7 +142,6 @@ def _check_box_head(c: _Checker) -> None:
 def _check_cascade(c: _Checker) -> None:
     if c.get("MODEL.ROI_HEADS.NAME") not in CASCADE_ROI_HEADS:
         return
-    ious_key = "MODEL.ROI_BOX_CASCADE_HEAD.IOUS"
     agnostic = "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG"
     if c.has(agnostic) and not c.get(agnostic):
         c.add(
@@ -131,36 +151,49 @@ def _check_cascade(c: _Checker) -> None:
             "True",
             f"set {agnostic} True",
         )
-    if not c.has(ious_key):
+    if not c.has(_IOUS):
         return
-    ious = list(c.get(ious_key))
+    ious = list(c.get(_IOUS))
     if any(b <= a for a, b in zip(ious, ious[1:])):
         c.add(
-            ious_key,
+            _IOUS,
             "not strictly increasing",
             "strictly increasing, each in (0, 1)",
             "sort them, e.g. [0.5, 0.6, 0.7]",
         )
-    n = len(ious)
+    first = "MODEL.ROI_HEADS.IOU_THRESHOLDS"
+    if c.has(first) and list(c.get(first))[:1] != ious[:1]:
+        c.add(
+            first,
+            f"differs from {_IOUS}[0] = {ious[0]}",
+            f"[{ious[0]}]",
+            f"set {first} [{ious[0]}]: the first stage samples proposals at its own IoU",
+        )
+
+
+def _check_stage_counts(c: _Checker) -> None:
+    """One entry per cascade stage in the per-stage lists.
+
+    The stage count is ``len(IOUS)`` in a config with cascade ROI heads, or ``num_stages``
+    given to the checker; the mask heads' loss weights are checked for CascadeMaskROIHeads.
+    """
+    name = c.get("MODEL.ROI_HEADS.NAME")
+    n = c.num_stages
+    if n is None:
+        if name not in CASCADE_ROI_HEADS or not c.has(_IOUS):
+            return
+        n = len(c.get(_IOUS))
     counts = [("MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS", "(wx, wy, ww, wh)")]
-    if c.get("MODEL.ROI_HEADS.NAME") == "CascadeMaskROIHeads":
+    if name in (None, "CascadeMaskROIHeads"):
         counts.append(("MODEL.CMRCNN.STAGE_LOSS_WEIGHTS", "weight"))
     for key, what in counts:
         if c.has(key) and len(c.get(key)) != n:
             c.add(
                 key,
-                f"{len(c.get(key))} values but {ious_key} has {n} stages",
+                f"{len(c.get(key))} values but {_IOUS} has {n} stages",
                 f"one {what} per stage",
                 f"give {n} values, one per cascade stage",
             )
-    first = "MODEL.ROI_HEADS.IOU_THRESHOLDS"
-    if c.has(first) and list(c.get(first))[:1] != ious[:1]:
-        c.add(
-            first,
-            f"differs from {ious_key}[0] = {ious[0]}",
-            f"[{ious[0]}]",
-            f"set {first} [{ious[0]}]: the first stage samples proposals at its own IoU",
-        )
 
 
 def _check_cmrcnn(c: _Checker) -> None:
@@ -168,8 +201,8 @@ def _check_cmrcnn(c: _Checker) -> None:
     if c.has(merge, stages) and c.get(merge) == "mean" and c.get(stages) != "all":
         c.add(
             merge,
-            f'"mean" averages per-stage mask heads but {stages} = {c.get(stages)!r} '
-            "builds only one",
+            f'"mean" averages per-stage mask heads but {stages} = '
+            f"{format_value(c.get(stages))} builds only one",
             f'"mean" only with {stages} "all"',
             f'set {stages} "all" or {merge} "last"',
         )
@@ -246,6 +279,7 @@ _RULES: List[Callable[[_Checker], None]] = [
     _check_rpn,
     _check_box_head,
     _check_cascade,
+    _check_stage_counts,
     _check_cmrcnn,
     _check_backbone,
     _check_class_names,
@@ -253,17 +287,20 @@ _RULES: List[Callable[[_Checker], None]] = [
 ]
 
 
-def config_problems(cfg) -> List[str]:
+def config_problems(cfg, num_stages: Optional[int] = None) -> List[str]:
     """All problems of ``cfg``, one line each (empty if it is valid).
 
     Args:
-        cfg (CfgNode): a Detectron2 config, usually from :func:`cmrcnn_ext.get_cfg`. Keys it
-            lacks (e.g. ``MODEL.CMRCNN.*`` in a plain Detectron2 config) are not checked.
+        cfg: a Detectron2 ``CfgNode``, usually from :func:`cmrcnn_ext.get_cfg`, or a flat
+            ``{dotted key: value}`` mapping. Keys it lacks (e.g. ``MODEL.CMRCNN.*`` in a plain
+            Detectron2 config) are not checked.
+        num_stages (int or None): the number of cascade stages, for a mapping without
+            ``MODEL.ROI_BOX_CASCADE_HEAD.IOUS``.
 
     Returns:
         list[str]: each line names the key, its value, the allowed values and a fix.
     """
-    checker = _Checker(cfg)
+    checker = _Checker(cfg, num_stages)
     for rule in _RULES:
         rule(checker)
     return checker.problems
@@ -288,3 +325,23 @@ def validate_config(cfg):
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def check_values(values: Mapping[str, Any], num_stages: Optional[int] = None) -> None:
+    """Check some config values, given as ``{dotted key: value}``, with the config's rules.
+
+    Example::
+
+        check_values({"MODEL.CMRCNN.MASK_STAGES": "all", "MODEL.CMRCNN.TEST_MASK_MERGE": "mean"})
+
+    Args:
+        values: config keys and their values; rules about other keys are skipped.
+        num_stages (int or None): the number of cascade stages that per-stage lists
+            (``MODEL.CMRCNN.STAGE_LOSS_WEIGHTS``...) must match.
+
+    Raises:
+        ConfigError: (a ``ValueError``) listing every problem.
+    """
+    problems = config_problems(values, num_stages)
+    if problems:
+        raise ConfigError(problems)

@@ -22,6 +22,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 
 from cmrcnn_ext.data.coco_check import CocoDataError, ValidationReport, categories_of, check_coco
+from cmrcnn_ext.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +72,7 @@ def prepare_coco(json_file, image_root, check_images=True):
         use_json = os.path.join(cache_dir, f"{stem}.{hashlib.sha1(blob).hexdigest()[:16]}.json")
         if not os.path.isfile(use_json):
             os.makedirs(cache_dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, use_json)  # atomic: safe when several processes do this
+            atomic_write(use_json, lambda f: f.write(blob))  # safe when several processes do this
         logger.info(f"Using the cleaned copy '{use_json}' of '{path}'.")
     _CACHE[key] = (report, use_json)
     return report, use_json

@@ -14,8 +14,8 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cmrcnn_ext.errors import UserError
 from cmrcnn_ext.data.coco_items import check_annotation, locate_image, probe_image
+from cmrcnn_ext.errors import UserError
 
 __all__ = ["CocoDataError", "ValidationReport", "check_coco", "read_coco_json"]
 
@@ -167,16 +167,24 @@ def read_coco_json(json_file):
             data = json.load(f)
     except json.JSONDecodeError as e:
         msg = f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
-        raise CocoDataError(path, [msg + "; the file is truncated or not JSON, re-export it"]) from e
+        raise CocoDataError(
+            path, [msg + "; the file is truncated or not JSON, re-export it"]
+        ) from e
     except (UnicodeDecodeError, OSError) as e:
-        raise CocoDataError(path, [f"cannot read the file ({e}); re-export it as UTF-8 JSON"]) from e
+        raise CocoDataError(
+            path, [f"cannot read the file ({e}); re-export it as UTF-8 JSON"]
+        ) from e
     if not isinstance(data, dict):
         raise CocoDataError(path, ["the top level is not a JSON object; expected a COCO dict"])
     fix = "a COCO instances file needs 'images', 'annotations' and 'categories' lists ([] if none)"
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    missing = [
+        k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)
+    ]
     if missing:
         found = f"found keys: {sorted(data)}"
-        raise CocoDataError(path, [f"missing top-level key '{k}' ({found}); {fix}" for k in missing])
+        raise CocoDataError(
+            path, [f"missing top-level key '{k}' ({found}); {fix}" for k in missing]
+        )
     return data
 
 
@@ -212,7 +220,11 @@ def _normalize_categories(data, fixed):
     kept = []
     for c in cats:
         name = c.get("name") if isinstance(c, dict) else None
-        if isinstance(name, str) and name.strip("_ ").lower() == "background" and c.get("id") not in used:
+        if (
+            isinstance(name, str)
+            and name.strip("_ ").lower() == "background"
+            and c.get("id") not in used
+        ):
             fixed["unused_background_category_dropped"] += 1
             continue
         kept.append(c)
@@ -287,10 +299,14 @@ def _check_structure(data, check_images):
         if isinstance(image_id, _ID) and image_id in anns_by_img:
             anns_by_img[image_id].append(ann)
         else:
-            add(f"{what} refers to image_id={image_id!r:.30}, not in 'images'; add it or drop {what}")
+            add(
+                f"{what} refers to image_id={image_id!r:.30}, not in 'images'; add it or drop "
+                f"{what}"
+            )
         if type(ann.get("category_id")) is not int or ann["category_id"] not in cat_ids:
             add(
-                f"{what} (image id={image_id!r:.30}) has category_id={ann.get('category_id')!r:.30}, "
+                f"{what} (image id={image_id!r:.30}) has "
+                f"category_id={ann.get('category_id')!r:.30}, "
                 f"which is not in 'categories' (ids {cat_ids}); add that category or fix it"
             )
     for kind, counts in (("image", img_ids), ("annotation", ann_ids)):
@@ -395,9 +411,11 @@ def check_coco(json_file, image_root, check_images=True):
     if anns and not kept_anns:
         raise CocoDataError(
             path,
-            [f"all {len(anns)} annotations were dropped ({len(kept_images)} of {len(images)} "
-             "images usable); fix the file so that at least some annotations are usable:"]
+            [
+                f"all {len(anns)} annotations were dropped ({len(kept_images)} of {len(images)} "
+                "images usable); fix the file so that at least some annotations are usable:"
+            ]
             + report.problem_lines(),
-        )  # fmt: skip
+        )
     _renumber_annotations(kept_anns, report)
     return report, dict(data, images=kept_images, annotations=kept_anns)

@@ -54,7 +54,7 @@ def locate_image(image_root, file_name):
     name = candidates[0][0] if candidates else file_name
     folder = os.path.basename(os.path.normpath(image_root))
     if folder and name.startswith(folder + "/"):
-        candidates.append((name[len(folder) + 1:], "file_name_without_folder"))
+        candidates.append((name[len(folder) + 1 :], "file_name_without_folder"))
     for candidate, repair in candidates:
         if os.path.isfile(os.path.join(image_root, candidate)):
             return candidate, repair
@@ -151,7 +151,9 @@ def check_annotation(ann, h, w, has_masks, report):
     if box[0] >= w or box[1] >= h or box[0] + box[2] <= 0 or box[1] + box[3] <= 0:
         return report.skip("outside_image", f"{what}: bbox={box} vs {w}x{h} image")
     area = ann.get("area")
-    valid_area = isinstance(area, (int, float)) and not isinstance(area, bool) and math.isfinite(area)
+    valid_area = (
+        isinstance(area, (int, float)) and not isinstance(area, bool) and math.isfinite(area)
+    )
     if not valid_area or area <= 0:  # COCOeval's area ranges need it
         out["area"] = float(mask_util.area(rle)) if rle is not None else box[2] * box[3]
         report.fixed["area_added" if "area" not in ann else "area_recomputed"] += 1

@@ -6,6 +6,7 @@ It checks the splits against each other and against the config (classes, masks) 
 the project's own error before any model is built; what it kept, dropped and repaired is
 logged per split (:func:`data_summary`, logged again when training starts).
 """
+
 import logging
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,10 @@ def _class_coverage(train, val):
         if t == 0 and v > 0:
             lines.append(f"class '{name}' has {v} validation instances but none to train on")
         elif v == 0 and t > 0:
-            lines.append(f"class '{name}' has {t} training instances but none in the validation "
-                         "split: its AP is undefined")  # fmt: skip
+            lines.append(
+                f"class '{name}' has {t} training instances but none in the validation "
+                "split: its AP is undefined"
+            )
     return lines
 
 

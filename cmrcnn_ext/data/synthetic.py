@@ -8,23 +8,23 @@ as COCO compressed RLE, so the labels are pixel-exact.
 
 Note: the masks are RLE, so Detectron2 training needs ``cfg.INPUT.MASK_FORMAT = "bitmask"``.
 
-Example:
-    python -m cmrcnn_ext.data.synthetic --out datasets/cmrcnn_shapes --num-train 600
+Generated on first use by the data sets named ``cmrcnn_shapes_*`` (the demo), or ahead of time
+with ``python tools/generate_shapes.py --out datasets/cmrcnn_shapes``.
 """
 
-import argparse
 import json
 import logging
 import math
 import os
 import re
-import tempfile
 import time
 
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_util
 from tqdm import tqdm
+
+from cmrcnn_ext.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -155,19 +155,6 @@ def _mask_annotation(mask):
     }
 
 
-def _atomic_write(path, data):
-    """Writes ``data`` (bytes) to ``path`` via a temp file in the same folder + os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def generate_dataset(out_dir, num_images, seed, image_size=256, split_name="train"):
     """Generates (or reuses from cache) one split of the synthetic dataset.
 
@@ -233,8 +220,9 @@ def generate_dataset(out_dir, num_images, seed, image_size=256, split_name="trai
             {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES)
         ],
     }
-    _atomic_write(json_path, json.dumps(coco, separators=(",", ":")).encode("utf-8"))
-    _atomic_write(stamp_path, stamp.encode("utf-8"))
+    blob = json.dumps(coco, separators=(",", ":")).encode("utf-8")
+    atomic_write(json_path, lambda f: f.write(blob))
+    atomic_write(stamp_path, lambda f: f.write(stamp.encode("utf-8")))
     logger.info(
         "Generated %d images / %d instances for split %r in %.1fs",
         num_images,
@@ -299,26 +287,3 @@ def register_synthetic_dataset(
         json_path, image_root = splits[split]
         register_coco_instances(name, {"thing_classes": list(CLASS_NAMES)}, json_path, image_root)
     return tuple(names)
-
-
-def main(argv=None):
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="output folder (default: $CMRCNN_DATA)")
-    parser.add_argument("--num-train", type=int, default=600)
-    parser.add_argument("--num-val", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=256)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    start = time.perf_counter()
-    splits = ensure_synthetic_dataset(
-        args.out, args.num_train, args.num_val, args.seed, args.image_size
-    )
-    for split, (json_path, image_root) in splits.items():
-        print(f"{split}: json={json_path} images={image_root}")
-    print(f"done in {time.perf_counter() - start:.1f}s")
-
-
-if __name__ == "__main__":
-    main()

@@ -7,6 +7,7 @@ arguments) prints ``error: <message>`` to stderr and exits with code 2, the code
 error. ``--debug`` on the command line, or ``CMRCNN_DEBUG=1``, shows the full traceback instead.
 Other exceptions (bugs) always show their traceback.
 """
+
 import os
 import sys
 

@@ -7,6 +7,7 @@ the choice of kernels: cuDNN's autotuner (``CUDNN_BENCHMARK``) and non-determini
 :func:`enable_determinism` turns those off. On the CPU, runs with the same seed, the same number
 of threads and ``DATALOADER.NUM_WORKERS 0`` give identical losses (tests/test_determinism.py).
 """
+
 import logging
 import os
 

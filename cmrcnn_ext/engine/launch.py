@@ -17,6 +17,7 @@
 Detectron2 v0.6's own ``launch`` asserts CUDA and always uses NCCL, so it cannot start CPU
 workers; and neither v0.6 nor the main branch starts workers under torchrun.
 """
+
 import logging
 import os
 import socket
@@ -25,8 +26,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from detectron2.utils import comm
+
+from cmrcnn_ext import compat
 
 __all__ = ["DEFAULT_TIMEOUT", "TORCHRUN_ENV_VARS", "launch", "started_by_torchrun"]
 
@@ -110,8 +112,13 @@ def launch(
     logger.info(
         "Starting %d %s worker processes on this machine (machine %d of %d, world size %d, "
         "rendezvous %s).",
-        num_gpus_per_machine, backend, machine_rank, num_machines, world_size, dist_url,
-    )  # fmt: skip
+        num_gpus_per_machine,
+        backend,
+        machine_rank,
+        num_machines,
+        world_size,
+        dist_url,
+    )
     mp.spawn(
         _spawned_worker,
         nprocs=num_gpus_per_machine,
@@ -185,8 +192,11 @@ def _torchrun_worker(main_func, args, num_gpus_per_machine, num_machines, timeou
         logger.warning(
             "Started by torchrun (%d processes per machine, world size %d): --num-gpus %d / "
             "--num-machines %d are ignored.",
-            local_size, world_size, num_gpus_per_machine, num_machines,
-        )  # fmt: skip
+            local_size,
+            world_size,
+            num_gpus_per_machine,
+            num_machines,
+        )
     backend = backend or default_backend()
     if backend == "gloo" and "OMP_NUM_THREADS" not in os.environ:
         _limit_cpu_threads(local_size)
@@ -213,9 +223,7 @@ def _after_init(num_per_machine, local_rank, backend):
         torch.cuda.set_device(local_rank)
     # Detectron2's DefaultTrainer wraps the model with device_ids=[local_rank], which
     # DistributedDataParallel rejects for a model on the CPU.
-    from cmrcnn_ext.compat import allow_cpu_ddp
-
-    allow_cpu_ddp()
+    compat.allow_cpu_ddp()
     create_local_process_group(num_per_machine)
     comm.synchronize()
     assert comm.get_local_rank() == local_rank, (comm.get_local_rank(), local_rank)
@@ -233,7 +241,7 @@ def create_local_process_group(num_workers_per_machine):
     Must be called by every rank, after ``init_process_group``. Uses Detectron2's
     ``comm.create_local_process_group`` where it exists (the main branch); Detectron2 v0.6 has no
     public function for it (its ``launch()`` sets a private module attribute), see
-    :func:`_set_local_process_group_v06`.
+    :func:`cmrcnn_ext.compat.set_local_process_group_v06`.
     """
     if hasattr(comm, "create_local_process_group"):
         comm.create_local_process_group(num_workers_per_machine)
@@ -247,19 +255,7 @@ def create_local_process_group(num_workers_per_machine):
         group = dist.new_group(ranks)  # collective: every rank creates every group
         if i == machine_rank:
             local_group = group
-    _set_local_process_group_v06(local_group)
-
-
-def _set_local_process_group_v06(group):
-    """Detectron2 v0.6 only: the one place cmrcnn_ext touches a private Detectron2 name.
-
-    v0.6's ``comm.get_local_rank()`` / ``get_local_size()`` read the module attribute
-    ``comm._LOCAL_PROCESS_GROUP``, which only v0.6's own ``launch()`` sets (the main branch has
-    ``comm.create_local_process_group`` instead and never reaches this function).
-    """
-    if getattr(comm, "_LOCAL_PROCESS_GROUP", None) is not None:
-        raise RuntimeError("Detectron2's local process group already exists in this process.")
-    comm._LOCAL_PROCESS_GROUP = group
+    compat.set_local_process_group_v06(local_group)
 
 
 def _limit_cpu_threads(num_processes_per_machine):

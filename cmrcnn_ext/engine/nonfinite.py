@@ -21,13 +21,13 @@ could save them. Weights that are finite but useless (say 1e30) are not detected
 iteration's loss usually overflows and stops training, but a checkpoint written in between
 holds them.
 """
+
 import logging
 import math
 from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
-
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
@@ -89,7 +89,6 @@ class NonFiniteLossError(FloatingPointError):
             "or bad annotations (degenerate boxes or masks)."
         )
         return "\n".join(lines)
-
 
     def _other_rank(self):
         return min(min(ranks) for ranks in self.bad_terms.values())

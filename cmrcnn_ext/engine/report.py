@@ -8,6 +8,7 @@
 :class:`RunReportHook` writes both when training ends; :class:`DataSummaryHook` repeats the data
 check's summary when training starts, below the model dump, where a user sees it.
 """
+
 import json
 import logging
 import os

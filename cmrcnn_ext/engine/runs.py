@@ -5,6 +5,7 @@ checkpoints into the training run's folder. :func:`inference_config` builds the 
 model from the run folder (or a config file and weights) without registering or generating any
 data set; :func:`class_names` names its classes.
 """
+
 import os
 import re
 

@@ -1,5 +1,6 @@
 """``setup(args)`` of ``train_net.py``: command-line flags as config overrides, the config, the
 log file, the data sets and Detectron2's ``default_setup``, in that order."""
+
 import logging
 
 from cmrcnn_ext.config.setup import load_config

@@ -1,17 +1,20 @@
 """Trainer and set-up shared by train_net.py and the demo."""
+
 import logging
 import os
 import weakref
 
 import torch
-
 from detectron2.engine import DefaultTrainer, SimpleTrainer
 from detectron2.engine import hooks as d2_hooks
 
+from cmrcnn_ext import compat
+from cmrcnn_ext.config.validate import check_values
 from cmrcnn_ext.engine.checkpoint import CMRCNNCheckpointer
 from cmrcnn_ext.engine.nonfinite import NonFiniteLossGuard
 from cmrcnn_ext.engine.report import DataSummaryHook, RunReportHook
-from cmrcnn_ext.engine.resume import RNGStateHook, build_resumable_train_loader
+from cmrcnn_ext.engine.resume import build_resumable_train_loader
+from cmrcnn_ext.engine.rng import RNGStateHook
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +80,10 @@ class Trainer(DefaultTrainer):
         self.cfg.defrost()
         self.cfg.SOLVER.AMP.ENABLED = True
         self.cfg.freeze()
-        inner = self._trainer
-        self._trainer = CPUAutocastTrainer(inner.model, inner.data_loader, inner.optimizer)
+        inner = compat.inner_trainer(self)
+        compat.set_inner_trainer(
+            self, CPUAutocastTrainer(inner.model, inner.data_loader, inner.optimizer)
+        )
         logger.info("SOLVER.AMP.ENABLED on the CPU: training with bfloat16 autocast.")
 
     @classmethod
@@ -86,7 +91,7 @@ class Trainer(DefaultTrainer):
         from cmrcnn_ext.evaluation.coco import build_coco_evaluator
 
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        # TEST.CMRCNN_EVALUATOR: "faster" (faster-coco-eval, default) or "pycocotools"
+        # TEST.CMRCNN.EVALUATOR: "faster" (faster-coco-eval, default) or "pycocotools"
         # (Detectron2's COCOEvaluator with the official pycocotools COCOeval).
         return build_coco_evaluator(cfg, dataset_name, output_folder, distributed=True)
 
@@ -127,11 +132,11 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         """Detectron2's hooks, with cmrcnn_ext's around them:
 
-        - first :class:`~cmrcnn_ext.engine.nonfinite.NonFiniteLossGuard` (stops training at the first
-          NaN/inf loss term, before the backward pass and before any checkpoint of that
-          iteration, on every process), :class:`~cmrcnn_ext.engine.resume.RNGStateHook` (exact resume)
-          and :class:`~cmrcnn_ext.engine.report.DataSummaryHook` (the data check's summary when
-          training starts);
+        - first :class:`~cmrcnn_ext.engine.nonfinite.NonFiniteLossGuard` (stops training at the
+          first NaN/inf loss term, before the backward pass and before any checkpoint of that
+          iteration, on every process), :class:`~cmrcnn_ext.engine.rng.RNGStateHook` (exact
+          resume) and :class:`~cmrcnn_ext.engine.report.DataSummaryHook` (the data check's
+          summary when training starts);
         - with ``TEST.AUG.ENABLED``, an evaluation with test-time augmentation after the last
           iteration (:meth:`test_with_TTA`), before the writers, so ``metrics.json`` has it;
         - last :class:`~cmrcnn_ext.engine.report.RunReportHook` (``results.json`` and
@@ -154,19 +159,19 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        """Detectron2's SGD, or AdamW when ``SOLVER.CMRCNN_OPTIMIZER`` is "AdamW".
+        """Detectron2's SGD, or AdamW when ``SOLVER.CMRCNN.OPTIMIZER`` is "AdamW".
 
         Both use Detectron2's parameter groups and gradient clipping, so the LR schedule,
         SOLVER.WEIGHT_DECAY_NORM / BIAS_LR_FACTOR and SOLVER.CLIP_GRADIENTS act the same way.
         """
-        name = cfg.SOLVER.get("CMRCNN_OPTIMIZER", "SGD")
+        name = cfg.SOLVER.get("CMRCNN", {}).get("OPTIMIZER", "SGD")
+        check_values({"SOLVER.CMRCNN.OPTIMIZER": name})
         if name == "SGD":
             return super().build_optimizer(cfg, model)
-        if name != "AdamW":
-            raise ValueError(
-                f"SOLVER.CMRCNN_OPTIMIZER={name!r} is not one of ('SGD', 'AdamW'); set one of them."
-            )
-        from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+        from detectron2.solver.build import (
+            get_default_optimizer_params,
+            maybe_add_gradient_clipping,
+        )
 
         params = get_default_optimizer_params(
             model,
@@ -178,7 +183,7 @@ class Trainer(DefaultTrainer):
         return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
             params,
             lr=cfg.SOLVER.BASE_LR,
-            betas=tuple(float(b) for b in cfg.SOLVER.CMRCNN_BETAS),
+            betas=tuple(float(b) for b in cfg.SOLVER.CMRCNN.BETAS),
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
             **_adamw_kernel(model),
         )
@@ -189,28 +194,21 @@ class Trainer(DefaultTrainer):
         stopped (see :func:`~cmrcnn_ext.engine.resume.build_resumable_train_loader`)."""
         return build_resumable_train_loader(cfg)
 
-    # Detectron2 v0.6's DefaultTrainer checkpoints only the iteration and the hooks' states: the
-    # optimizer (momentum, and the LR of the next iteration) was lost on resume. Save and load
-    # the inner trainer's state under "_trainer", as later Detectron2 versions do.
     def state_dict(self):
-        ret = super().state_dict()
-        if "_trainer" not in ret:
-            ret["_trainer"] = self._trainer.state_dict()
-        return ret
+        """DefaultTrainer's state, with the optimizer's on Detectron2 v0.6 too (compat)."""
+        return compat.add_inner_trainer_state(self, super().state_dict())
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        if "_trainer" in state_dict and "load_state_dict" not in DefaultTrainer.__dict__:
-            self._trainer.load_state_dict(state_dict["_trainer"])
+        compat.load_inner_trainer_state(self, state_dict)
 
 
 def _adamw_kernel(model):
     """``{"fused": True}`` when torch's fused AdamW kernel supports every parameter's device
     (CPU and CUDA in torch >= 2.4), else ``{}`` (torch's default kernel).
 
-    The fused kernel does AdamW's update in one pass over each tensor: on the demo model (17 M
-    parameters, 2 CPU threads) an optimizer step takes 13 ms instead of 50 ms for the default
-    per-tensor loop (benchmarks: README "Demo"). It is the same update up to float rounding.
+    The fused kernel does AdamW's update in one pass over each tensor instead of a loop over
+    tensors (faster: docs/performance.md); it is the same update up to float rounding.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     devices = {p.device.type for p in params}

@@ -1,4 +1,5 @@
 """COCO box / mask evaluation with faster-coco-eval, inside Detectron2's COCOEvaluator."""
+
 from cmrcnn_ext.evaluation.coco import (
     EVALUATOR_BACKENDS,
     FastCOCOEvaluator,

@@ -12,22 +12,26 @@ of ``bbox`` and ``segm`` agree to 4 decimals, including RLE / polygon ground tru
 ``iscrowd`` regions, score ties and images without annotations (``tests/test_evaluation.py``;
 ``benchmarks/bench_eval.py`` shows it on 500+ images with the timings).
 
-:func:`build_coco_evaluator` picks the implementation from ``cfg.TEST.CMRCNN_EVALUATOR``
+:func:`build_coco_evaluator` picks the implementation from ``cfg.TEST.CMRCNN.EVALUATOR``
 (``"faster"``, the default, or ``"pycocotools"``); ``Trainer.build_evaluator`` uses it.
 """
+
 import copy
 import gc
 import logging
 
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.file_io import PathManager
 
 from cmrcnn_ext.compat import coco_ap_function
+from cmrcnn_ext.config.schema import allowed_values
+from cmrcnn_ext.config.validate import check_values
 
 logger = logging.getLogger(__name__)
 
-#: Allowed values of ``cfg.TEST.CMRCNN_EVALUATOR``.
-EVALUATOR_BACKENDS = ("faster", "pycocotools")
+#: Allowed values of ``cfg.TEST.CMRCNN.EVALUATOR``.
+EVALUATOR_BACKENDS = allowed_values("TEST.CMRCNN.EVALUATOR")
 
 
 def _import_faster_coco_eval():
@@ -35,8 +39,8 @@ def _import_faster_coco_eval():
         import faster_coco_eval
     except ImportError as e:  # pragma: no cover - exercised only without the package
         raise ImportError(
-            "TEST.CMRCNN_EVALUATOR='faster' needs the 'faster-coco-eval' package "
-            "(pip install faster-coco-eval); or set TEST.CMRCNN_EVALUATOR 'pycocotools'."
+            "TEST.CMRCNN.EVALUATOR='faster' needs the 'faster-coco-eval' package "
+            "(pip install faster-coco-eval); or set TEST.CMRCNN.EVALUATOR 'pycocotools'."
         ) from e
     return faster_coco_eval
 
@@ -96,9 +100,12 @@ def _load_results(fce, coco_gt, anns, iou_type):
     ``iscrowd`` 0, and ``area`` = box area (bbox) or mask area (segm, where a missing ``bbox``
     becomes the mask's box). ``anns`` are modified in place, as by ``loadRes``.
     """
-    if not anns or iou_type not in ("bbox", "segm") or (
-        iou_type == "bbox" and not anns[0].get("bbox")
-    ) or (iou_type == "segm" and ("bbox" in anns[0] or "segmentation" not in anns[0])):
+    if (
+        not anns
+        or iou_type not in ("bbox", "segm")
+        or (iou_type == "bbox" and not anns[0].get("bbox"))
+        or (iou_type == "segm" and ("bbox" in anns[0] or "segmentation" not in anns[0]))
+    ):
         return coco_gt.loadRes(anns)  # loadRes's other branches: not used by the evaluator
     gt_images = set(coco_gt.getImgIds())
     unknown = {a["image_id"] for a in anns} - gt_images
@@ -150,6 +157,8 @@ class FastCOCOEvaluator(COCOEvaluator):
         _import_faster_coco_eval()  # fail early with a clear message
         kwargs["use_fast_impl"] = False  # only consulted for keypoints (pycocotools)
         super().__init__(dataset_name, tasks, distributed, output_dir, **kwargs)
+        # COCOEvaluator has written the COCO JSON of a data set without one by now
+        self._gt_json = MetadataCatalog.get(dataset_name).json_file
         self._faster_coco_gt = None
         self.coco_stats = {}
 
@@ -182,24 +191,24 @@ class FastCOCOEvaluator(COCOEvaluator):
         function (``original``, called with the arguments it was given) for the others."""
         if iou_type not in ("bbox", "segm"):
             return original(coco_gt, coco_results, iou_type, **kwargs)
-        self._logger.info("Computing %s AP with faster-coco-eval ...", iou_type)
+        logger.info("Computing %s AP with faster-coco-eval ...", iou_type)
         coco_eval = evaluate_predictions_on_coco_faster(
             self._coco_gt_faster(),
             coco_results,
             iou_type,
             img_ids=kwargs.get("img_ids"),
             max_dets_per_image=kwargs.get("max_dets_per_image"),
-            print_function=self._logger.info,
+            print_function=logger.info,
         )
         self.coco_stats[iou_type] = [float(s) for s in coco_eval.stats]
         return coco_eval
 
     def _coco_gt_faster(self):
-        # Loaded from the JSON file (not shared with self._coco_api, whose annotation dicts
-        # pycocotools modifies), once per evaluator.
+        # Loaded from the JSON file (not shared with Detectron2's pycocotools COCO, whose
+        # annotation dicts pycocotools modifies), once per evaluator.
         if self._faster_coco_gt is None:
             fce = _import_faster_coco_eval()
-            json_file = PathManager.get_local_path(self._metadata.json_file)
+            json_file = PathManager.get_local_path(self._gt_json)
             self._faster_coco_gt = fce.COCO(json_file)
         return self._faster_coco_gt
 
@@ -208,11 +217,11 @@ def build_coco_evaluator(cfg, dataset_name, output_folder=None, backend=None, **
     """COCO box + mask evaluator for ``dataset_name``.
 
     Args:
-        cfg (CfgNode): with ``TEST.CMRCNN_EVALUATOR`` (see ``add_cmrcnn_config``).
+        cfg (CfgNode): with ``TEST.CMRCNN.EVALUATOR`` (see ``add_cmrcnn_config``).
         dataset_name (str): a registered data set with a COCO JSON (``json_file``) or in
             Detectron2's format (converted by Detectron2).
         output_folder (str or None): where predictions are saved.
-        backend (str or None): overrides ``cfg.TEST.CMRCNN_EVALUATOR``:
+        backend (str or None): overrides ``cfg.TEST.CMRCNN.EVALUATOR``:
             ``"faster"``: :class:`FastCOCOEvaluator` (faster-coco-eval);
             ``"pycocotools"``: Detectron2's ``COCOEvaluator`` with the official pycocotools
             ``COCOeval`` (``use_fast_impl=False``).
@@ -222,13 +231,8 @@ def build_coco_evaluator(cfg, dataset_name, output_folder=None, backend=None, **
         COCOEvaluator
     """
     if backend is None:
-        backend = cfg.TEST.get("CMRCNN_EVALUATOR", "faster")
-    if backend not in EVALUATOR_BACKENDS:
-        raise ValueError(
-            f"TEST.CMRCNN_EVALUATOR={backend!r} is not one of {EVALUATOR_BACKENDS}: 'faster' "
-            "computes COCO AP with faster-coco-eval (same numbers, several times faster), "
-            "'pycocotools' with Detectron2's COCOEvaluator and the official pycocotools."
-        )
+        backend = cfg.TEST.get("CMRCNN", {}).get("EVALUATOR", "faster")
+    check_values({"TEST.CMRCNN.EVALUATOR": backend})
     kwargs.setdefault("tasks", ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",))
     kwargs.setdefault("distributed", True)
     if backend == "faster":

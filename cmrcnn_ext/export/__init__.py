@@ -1,4 +1,5 @@
 """Export to TorchScript / ONNX: the traceable model, saving and loading, output comparison."""
+
 from cmrcnn_ext.export.compare import compare_outputs, match_detections
 from cmrcnn_ext.export.io import (
     FORMATS,

@@ -1,5 +1,6 @@
 """Comparing two models' one-image outputs ``(boxes, scores, classes, masks)``: the check
 that an exported model gives the eager model's predictions (``cmrcnn-export`` and the tests)."""
+
 import torch
 
 
@@ -56,5 +57,3 @@ def compare_outputs(a, b, tol=1e-4):
         mask_ok = res["masks"] <= tol
     res["ok"] = res["classes_equal"] and res["boxes"] <= tol and res["scores"] <= tol and mask_ok
     return res
-
-

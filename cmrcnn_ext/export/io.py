@@ -3,6 +3,7 @@
 The exported model's input / output contract is :class:`~cmrcnn_ext.export.tracing.
 ExportableCascadeMaskRCNN`'s; ``docs/export.md`` describes it for users.
 """
+
 import copy
 import inspect
 import json
@@ -84,8 +85,12 @@ def export_onnx(wrapper, example, path, opset=17, meta=None):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, (example,), path, opset_version=opset,
-            input_names=["image"], output_names=list(OUTPUT_NAMES),
+            wrapper,
+            (example,),
+            path,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=list(OUTPUT_NAMES),
             dynamic_axes={
                 "image": {1: "height", 2: "width"},
                 "boxes": {0: "num_detections"},
@@ -94,7 +99,7 @@ def export_onnx(wrapper, example, path, opset=17, meta=None):
                 "masks": {0: "num_detections", 1: "height", 2: "width"},
             },
             **kwargs,
-        )  # fmt: skip
+        )
     if meta is not None:
         try:
             import onnx
@@ -119,5 +124,3 @@ def load_metadata(path):
     extra = {METADATA_NAME: ""}
     torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return json.loads(extra[METADATA_NAME] or "{}")
-
-

@@ -315,5 +315,3 @@ def build_exportable(cfg, weights=None, mask_format="bool"):
         CMRCNNCheckpointer(model, for_inference=True).load(weights)
     model.eval()
     return ExportableCascadeMaskRCNN(model, mask_format=mask_format).eval()
-
-

@@ -18,12 +18,12 @@ shift does not change the IoUs that float32 would compute by more than rounding.
 The result equals Detectron2's up to float rounding of IoUs that lie within ~1e-7 of the NMS
 threshold (``tests/test_box_inference.py`` compares the two on many random candidate sets).
 """
+
 from typing import List, Tuple
 
 import torch
-from torchvision.ops import nms
-
 from detectron2.structures import Boxes, Instances
+from torchvision.ops import nms
 
 #: The first prefix holds this many candidates per kept detection (grown x4 when too few survive).
 PREFIX_FACTOR = 4

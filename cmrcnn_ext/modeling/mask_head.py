@@ -1,8 +1,8 @@
 """Mask head of cmrcnn_ext: Detectron2's conv-upsample head plus probability output."""
+
 from typing import List
 
 import torch
-
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads.mask_head import (
     ROI_MASK_HEAD_REGISTRY,
@@ -16,15 +16,15 @@ class CMRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
     """Mask R-CNN's ``num_conv`` convs + deconv head, with the same layers and parameter names as
     Detectron2's :class:`MaskRCNNConvUpsampleHead` (checkpoints load either way).
 
-    It adds :meth:`mask_probs`, which :class:`~cmrcnn_ext.modeling.roi_heads.CascadeMaskROIHeads` uses to
-    average the mask probabilities of several heads at test time, and, with
+    It adds :meth:`mask_probs`, which :class:`~cmrcnn_ext.modeling.roi_heads.CascadeMaskROIHeads`
+    uses to average the mask probabilities of several heads at test time, and, with
     ``channels_last_cpu`` (``MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD``), has a float32 CPU inference
-    path: the convolutions run in channels-last memory format, and the 2x2 stride-2 deconv, its
-    ReLU and the 1x1 predictor run as two matrix products on the channels-last rows
-    (:meth:`_upsample_predict`). Same numbers up to float rounding (~1e-7 on the logits); demo
-    mask head, 50 boxes, 1 thread: ~1.6x faster than the NCHW layers. In training, under
-    autocast and on CUDA the layers run as Detectron2 runs them (channels-last was slower for
-    the bfloat16 backward on the CPU).
+    path: the convolutions run in channels-last memory format, and the 2x2 stride-2 deconv, its ReLU
+    and the 1x1 predictor run as two matrix products on the channels-last rows
+    (:meth:`_upsample_predict`). Same numbers up to float rounding (~1e-7 on the logits, tested),
+    faster than the NCHW layers (docs/performance.md). In training, under autocast and on CUDA the
+    layers run as Detectron2 runs them (channels-last was slower for the bfloat16 backward on the
+    CPU).
     """
 
     @configurable

@@ -10,11 +10,12 @@ computes the sample indices and bilinear weights with the exact rules of torchvi
 scatter-add backward, where torchvision's CPU backward is single-threaded. Results equal
 torchvision's up to float rounding (about 1e-6 relative; tested).
 
-Used by :class:`~cmrcnn_ext.modeling.roi_heads.CascadeMaskROIHeads` when ``MODEL.CMRCNN.FAST_ROI_ALIGN``
-is true and the model runs on the CPU: in training and inference with a fixed grid, in inference
-with the adaptive one (``sampling_ratio=0``). Otherwise torchvision's kernel is used (on CUDA it
-is the faster one).
+Used by :class:`~cmrcnn_ext.modeling.roi_heads.CascadeMaskROIHeads` when
+``MODEL.CMRCNN.FAST_ROI_ALIGN`` is true and the model runs on the CPU: in training and inference
+with a fixed grid, in inference with the adaptive one (``sampling_ratio=0``). Otherwise
+torchvision's kernel is used (on CUDA it is the faster one).
 """
+
 import weakref
 
 import torch
@@ -121,9 +122,11 @@ def _gather_bins(table, batch, iy, wy, ix, wx, count, h, w):
     ]
     weight = wy[:, :, None, :, None] * wx[:, None, :, None, :] / count[:, None, None, None, None]
     out = F.embedding_bag(
-        idx.reshape(r * ph * pw, ly * lx), table,
-        per_sample_weights=weight.reshape(r * ph * pw, ly * lx), mode="sum",
-    )  # fmt: skip
+        idx.reshape(r * ph * pw, ly * lx),
+        table,
+        per_sample_weights=weight.reshape(r * ph * pw, ly * lx),
+        mode="sum",
+    )
     return out.reshape(r, ph, pw, -1)
 
 
@@ -188,9 +191,16 @@ def roi_align_gather(features, rois, output_size, spatial_scale, sampling_ratio,
             sel = (sizes == kind).nonzero().squeeze(1)
             sy, sx = divmod(kind, lx + 1)
             out[sel] = _gather_bins(
-                table, batch[sel], iy[sel, :, :sy], wy[sel, :, :sy], ix[sel, :, :sx],
-                wx[sel, :, :sx], count[sel], h, w,
-            )  # fmt: skip
+                table,
+                batch[sel],
+                iy[sel, :, :sy],
+                wy[sel, :, :sy],
+                ix[sel, :, :sx],
+                wx[sel, :, :sx],
+                count[sel],
+                h,
+                w,
+            )
     return out.permute(0, 3, 1, 2).to(out_dtype)
 
 
@@ -228,16 +238,15 @@ class FastROIAlign(nn.Module):
         adaptive_backward = (
             self.sampling_ratio <= 0 and torch.is_grad_enabled() and input.requires_grad
         )
-        if (
-            input.is_cuda
-            or adaptive_backward
-            or torch.jit.is_scripting()
-            or torch.jit.is_tracing()
-        ):
+        if input.is_cuda or adaptive_backward or torch.jit.is_scripting() or torch.jit.is_tracing():
             return roi_align(
-                input, rois.to(input.dtype), self.output_size, self.spatial_scale,
-                self.sampling_ratio, self.aligned,
-            )  # fmt: skip
+                input,
+                rois.to(input.dtype),
+                self.output_size,
+                self.spatial_scale,
+                self.sampling_ratio,
+                self.aligned,
+            )
         return roi_align_gather(
             input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
         )

@@ -5,26 +5,25 @@ Cai & Vasconcelos, "Cascade R-CNN: High Quality Object Detection and Instance Se
 on the last, or on every stage. Detectron2's built-in :class:`CascadeROIHeads` only does the
 first; this subclass adds the others, per-stage loss weights and a test-time mask merge.
 """
+
 import logging
-import math
-import re
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads
 from detectron2.modeling.roi_heads.mask_head import BaseMaskRCNNHead
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
-from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
+from torch import nn
 
+from cmrcnn_ext.compat import cascade_final_nms
+from cmrcnn_ext.config.validate import check_values
 from cmrcnn_ext.modeling.box_inference import fast_rcnn_inference_prefix
-from cmrcnn_ext.config.defaults import MASK_STAGES_CHOICES, TEST_MASK_MERGE_CHOICES
+from cmrcnn_ext.modeling.mask_head_layout import adapt_mask_head_keys
 from cmrcnn_ext.modeling.roi_align import use_fast_roi_align
 
-_STAGE_SUFFIX = re.compile(r"_stage(\d+)$")
 logger = logging.getLogger(__name__)
 
 
@@ -63,18 +62,25 @@ class CascadeMaskROIHeads(CascadeROIHeads):
                 "all", ``mask_head`` must be an ``nn.ModuleList`` with one head per stage.
             stage_loss_weights: one weight >= 0 per stage; default all 1.
             test_mask_merge: "last" or "mean" ("mean" needs ``mask_stages="all"``).
-            fast_roi_align: use :class:`~cmrcnn_ext.modeling.roi_align.FastROIAlign` in the box and mask
-                poolers (same numbers as torchvision's ROIAlign to ~1e-6, faster on the CPU).
+            fast_roi_align: use :class:`~cmrcnn_ext.modeling.roi_align.FastROIAlign` in the box
+                and mask poolers (torchvision's ROIAlign numbers to ~1e-6, faster on the CPU).
             prefix_nms: test-time class-wise NMS on the highest-scoring candidates first
-                (:mod:`cmrcnn_ext.modeling.box_inference`): Detectron2's detections, found faster when
-                many (box, class) candidates pass the score threshold.
+                (:mod:`cmrcnn_ext.modeling.box_inference`): Detectron2's detections, found faster
+                when many (box, class) candidates pass the score threshold.
             kwargs: arguments of :class:`CascadeROIHeads`.
         """
         super().__init__(**kwargs)
         num_stages = self.num_cascade_stages
         if stage_loss_weights is None:
             stage_loss_weights = [1.0] * num_stages
-        check_cascade_mask_args(mask_stages, stage_loss_weights, test_mask_merge, num_stages)
+        check_values(  # the config's rules (ConfigError naming each key), for direct callers too
+            {
+                "MODEL.CMRCNN.MASK_STAGES": mask_stages,
+                "MODEL.CMRCNN.STAGE_LOSS_WEIGHTS": list(stage_loss_weights),
+                "MODEL.CMRCNN.TEST_MASK_MERGE": test_mask_merge,
+            },
+            num_stages=num_stages,
+        )
         self.mask_stages = mask_stages
         self.stage_loss_weights = tuple(float(w) for w in stage_loss_weights)
         self.test_mask_merge = test_mask_merge
@@ -91,13 +97,19 @@ class CascadeMaskROIHeads(CascadeROIHeads):
                     "MODEL.CMRCNN.TEST_MASK_MERGE='mean' needs mask heads with mask_probs(); "
                     "set MODEL.ROI_MASK_HEAD.NAME to 'CMRCNNConvUpsampleHead'."
                 )
+        # Stage k's box losses are weighted by its box predictor (Detectron2's per-loss
+        # ``loss_weight``), so the weights apply by stage index.
+        for predictor, weight in zip(self.box_predictor, self.stage_loss_weights):
+            predictor.loss_weight = _scaled_loss_weight(predictor.loss_weight, weight)
         self.fast_roi_align = fast_roi_align
         self.prefix_nms = prefix_nms
         if fast_roi_align:
             for pooler in (self.box_pooler, getattr(self, "mask_pooler", None)):
                 if pooler is not None:
                     use_fast_roi_align(pooler)
-        # Stage index -> that stage's labelled input boxes, kept only during a training forward.
+        # The mask heads' training inputs: stage index -> that stage's labelled input boxes (with
+        # gt_masks), filled by _forward_box (stage 0) and _match_and_label_boxes (later stages)
+        # during a training forward and read by _mask_losses; None outside of it.
         self._stage_inputs: Optional[Dict[int, List[Instances]]] = None
 
     @classmethod
@@ -156,54 +168,34 @@ class CascadeMaskROIHeads(CascadeROIHeads):
             self._stage_inputs = None
 
     def _forward_box(self, features, proposals, targets=None):
-        if not self.training and self.prefix_nms and not torch.jit.is_tracing():
-            # Tracing (Detectron2's TracingAdapter) takes Detectron2's own inference: the prefix
-            # search decides in Python how many candidates to keep, which a trace would freeze.
-            return self._inference_boxes(features, proposals)
         if self._stage_inputs is not None:
-            self._stage_inputs[0] = proposals
-        out = super()._forward_box(features, proposals, targets)
-        if not self.training:
-            return out
-        return {name: loss * self._stage_weight(name) for name, loss in out.items()}
-
-    def _inference_boxes(self, features, proposals):
-        """Test-time boxes as Detectron2's cascade computes them (each stage refines the previous
-        stage's boxes; class scores averaged over the stages; the last stage's boxes), with the
-        final NMS of :func:`~cmrcnn_ext.modeling.box_inference.fast_rcnn_inference_prefix`."""
-        features = [features[f] for f in self.box_in_features]
-        image_sizes = [p.image_size for p in proposals]
-        stage_scores, boxes = [], None
-        for k in range(self.num_cascade_stages):
-            if k > 0:
-                proposals = self._create_proposals_from_boxes(boxes, image_sizes)
-            predictions = self._run_stage(features, proposals, k)
-            predictor = self.box_predictor[k]
-            boxes = predictor.predict_boxes(predictions, proposals)
-            stage_scores.append(predictor.predict_probs(predictions, proposals))
-        scores = [sum(per_image) * (1.0 / self.num_cascade_stages) for per_image in zip(*stage_scores)]
-        instances, _ = fast_rcnn_inference_prefix(
-            boxes, scores, image_sizes, predictor.test_score_thresh, predictor.test_nms_thresh,
-            predictor.test_topk_per_image,
-        )
-        return instances
-
-    def _stage_weight(self, loss_name: str) -> float:
-        match = _STAGE_SUFFIX.search(loss_name)
-        return self.stage_loss_weights[int(match.group(1))] if match else 1.0
+            self._stage_inputs[0] = proposals  # stage 1's sampled proposals carry gt_masks
+        if self.training or not self.prefix_nms or torch.jit.is_tracing():
+            # Tracing (Detectron2's TracingAdapter) takes Detectron2's own final NMS: the prefix
+            # search decides in Python how many candidates to keep, which a trace would freeze.
+            return super()._forward_box(features, proposals, targets)
+        with cascade_final_nms(fast_rcnn_inference_prefix):
+            return super()._forward_box(features, proposals, targets)
 
     @torch.no_grad()
     def _match_and_label_boxes(self, proposals, stage, targets):
-        proposals = super()._match_and_label_boxes(proposals, stage, targets)
-        if self._stage_inputs is not None and stage in self.mask_train_stages():
-            # Detectron2 labels later stages with gt_classes / gt_boxes only; the mask loss
-            # also needs each box's matched ground-truth mask.
-            for props, gts in zip(proposals, targets):
-                if len(gts) and gts.has("gt_masks"):
-                    iou = pairwise_iou(gts.gt_boxes, props.proposal_boxes)
-                    matched_idxs, _ = self.proposal_matchers[stage](iou)
-                    props.gt_masks = gts.gt_masks[matched_idxs]
-            self._stage_inputs[stage] = proposals
+        """Detectron2's labelling of stage ``stage``'s input boxes; for a stage whose mask head
+        trains, each box also gets its matched ground truth's mask, from the same matching
+        (the stage's matcher records the matched indices while Detectron2 labels)."""
+        if self._stage_inputs is None or stage not in self.mask_train_stages():
+            return super()._match_and_label_boxes(proposals, stage, targets)
+        matcher = self.proposal_matchers[stage]
+        recorder = _RecordingMatcher(matcher)
+        self.proposal_matchers[stage] = recorder
+        try:
+            proposals = super()._match_and_label_boxes(proposals, stage, targets)
+        finally:
+            self.proposal_matchers[stage] = matcher
+        assert len(recorder.matches) == len(proposals) == len(targets)
+        for props, gts, matched_idxs in zip(proposals, targets, recorder.matches):
+            if len(gts) and gts.has("gt_masks"):
+                props.gt_masks = gts.gt_masks[matched_idxs]
+        self._stage_inputs[stage] = proposals
         return proposals
 
     def _pool_mask_features(self, features, boxes):
@@ -278,72 +270,29 @@ class CascadeMaskROIHeads(CascadeROIHeads):
         return losses
 
 
-def adapt_mask_head_keys(state_dict, head_prefix: str, head_states, staged: bool) -> None:
-    """Rename mask-head tensors of ``state_dict`` (in place) to the model's layout.
+class _RecordingMatcher:
+    """A stage's ``Matcher`` that also keeps the matched ground-truth index of every box of each
+    call (one call per image, in order)."""
 
-    - One head in the checkpoint (``<head_prefix>mask_fcn1.weight``..., Detectron2's built-in
-      cascade or ``MASK_STAGES`` first / last), per-stage heads in the model (``MASK_STAGES``
-      all, ``<head_prefix><stage>.mask_fcn1.weight``): the head is copied to every stage.
-    - Per-stage heads in the checkpoint, one in the model: the last stage's head is loaded (at
-      test time masks come from the final boxes, which the last stage's head was trained on).
+    def __init__(self, matcher):
+        self.matcher = matcher
+        self.matches: List[torch.Tensor] = []
 
-    A copied tensor whose shape differs from the model's (another number of classes in the
-    predictor) is left out with a warning, so the model keeps its initialisation there, as
-    Detectron2's checkpointer does for same-named tensors. Nothing is done when the layouts
-    already agree.
+    def __call__(self, match_quality_matrix):
+        matched_idxs, labels = self.matcher(match_quality_matrix)
+        self.matches.append(matched_idxs)
+        return matched_idxs, labels
 
-    Args:
-        state_dict (dict): the state being loaded (modified in place).
-        head_prefix (str): e.g. ``"roi_heads.mask_head."``.
-        head_states (list[dict]): the model's mask heads' own ``state_dict()``, in stage order.
-        staged (bool): whether the model holds one head per stage (an ``nn.ModuleList``).
-    """
-    single, per_stage = [], {}
-    for key in list(state_dict):
-        if not key.startswith(head_prefix):
-            continue
-        first, _, rest = key[len(head_prefix):].partition(".")
-        if first.isdigit() and rest:
-            per_stage.setdefault(int(first), []).append(key)
-        else:
-            single.append(key)
-    if staged and single and not per_stage:
-        wrong = []
-        for key in single:
-            value, name = state_dict.pop(key), key[len(head_prefix):]
-            for stage, target in enumerate(head_states):
-                if name in target and target[name].shape != value.shape:
-                    wrong.append(f"{head_prefix}{stage}.{name}")
-                    continue
-                state_dict[f"{head_prefix}{stage}.{name}"] = value
-        logger.info(
-            "The checkpoint has one mask head (%s*, e.g. Detectron2's built-in cascade) and the "
-            "model one per stage (MODEL.CMRCNN.MASK_STAGES all): copied it to the mask heads of "
-            "stages %s.",
-            head_prefix,
-            ", ".join(str(s + 1) for s in range(len(head_states))),
-        )
-        if wrong:
-            logger.warning(
-                "Not loading %d mask-head tensor(s) whose shape differs from the model's (another "
-                "number of classes?); they keep their initialization: %s",
-                len(wrong),
-                ", ".join(wrong),
-            )
-    elif not staged and per_stage and not single:
-        last = max(per_stage)
-        for stage, keys in per_stage.items():
-            for key in keys:
-                value = state_dict.pop(key)
-                if stage == last:
-                    state_dict[head_prefix + key[len(head_prefix):].partition(".")[2]] = value
-        logger.info(
-            "The checkpoint has one mask head per stage (%s{0..%d}.*) and the model one mask "
-            "head: loaded the last stage's (stage %d) head, dropped the others.",
-            head_prefix,
-            last,
-            last + 1,
-        )
+    def __getattr__(self, name):
+        return getattr(self.matcher, name)
+
+
+def _scaled_loss_weight(loss_weight, weight: float) -> Dict[str, float]:
+    """A box predictor's ``loss_weight`` (a float or a per-loss dict) times ``weight``."""
+    if not isinstance(loss_weight, dict):
+        loss_weight = {"loss_cls": loss_weight, "loss_box_reg": loss_weight}
+    names = set(loss_weight) | {"loss_cls", "loss_box_reg"}
+    return {k: float(loss_weight.get(k, 1.0)) * weight for k in names}
 
 
 def _set_pred_masks(instances: List[Instances], probs: torch.Tensor) -> None:
@@ -367,36 +316,9 @@ def _shares_mask_rows(heads, instances) -> bool:
     is not traced), and detections to predict."""
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return False
-    if not all(isinstance(h, BaseMaskRCNNHead) and type(h).forward is BaseMaskRCNNHead.forward
-               for h in heads):
+    if not all(
+        isinstance(h, BaseMaskRCNNHead) and type(h).forward is BaseMaskRCNNHead.forward
+        for h in heads
+    ):
         return False
     return sum(len(i) for i in instances) > 0
-
-
-def check_cascade_mask_args(mask_stages, stage_loss_weights, test_mask_merge, num_stages):
-    """Raise ``ValueError`` naming the config key if the cascade-mask arguments are invalid."""
-    if mask_stages not in MASK_STAGES_CHOICES:
-        raise ValueError(
-            f"MODEL.CMRCNN.MASK_STAGES={mask_stages!r} is not one of {MASK_STAGES_CHOICES}."
-        )
-    if test_mask_merge not in TEST_MASK_MERGE_CHOICES:
-        raise ValueError(
-            f"MODEL.CMRCNN.TEST_MASK_MERGE={test_mask_merge!r} is not one of "
-            f"{TEST_MASK_MERGE_CHOICES}."
-        )
-    if test_mask_merge == "mean" and mask_stages != "all":
-        raise ValueError(
-            f"MODEL.CMRCNN.TEST_MASK_MERGE='mean' averages per-stage mask heads, but "
-            f"MODEL.CMRCNN.MASK_STAGES={mask_stages!r} builds only one. Set MASK_STAGES 'all' "
-            "or TEST_MASK_MERGE 'last'."
-        )
-    weights = list(stage_loss_weights)
-    if len(weights) != num_stages:
-        raise ValueError(
-            f"MODEL.CMRCNN.STAGE_LOSS_WEIGHTS has {len(weights)} values {weights} but the cascade "
-            f"has {num_stages} stages (MODEL.ROI_BOX_CASCADE_HEAD.IOUS); give one weight per stage."
-        )
-    if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights):
-        raise ValueError(
-            f"MODEL.CMRCNN.STAGE_LOSS_WEIGHTS={weights}: every weight must be a finite number >= 0."
-        )

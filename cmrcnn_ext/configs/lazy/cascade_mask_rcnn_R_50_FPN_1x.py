@@ -10,10 +10,11 @@ Detectron2's lazy-config loop (the path is ``cmrcnn_ext.model_zoo.get_config_fil
 
 or load it with ``cmrcnn_ext.model_zoo.get_config("lazy/cascade_mask_rcnn_R_50_FPN_1x.py")``.
 
-The cascade settings are keyword arguments of :class:`~cmrcnn_ext.modeling.roi_heads.CascadeMaskROIHeads`
-(``MODEL.CMRCNN.*`` of the YAML configs): ``mask_stages``, ``stage_loss_weights``,
-``test_mask_merge``, ``fast_roi_align``, ``prefix_nms``. For ``mask_stages="all"`` give one mask
-head per stage in a ``torch.nn.ModuleList``::
+The cascade settings are keyword arguments of
+:class:`~cmrcnn_ext.modeling.roi_heads.CascadeMaskROIHeads` (``MODEL.CMRCNN.*`` of the YAML
+configs): ``mask_stages``, ``stage_loss_weights``, ``test_mask_merge``, ``fast_roi_align``,
+``prefix_nms``. For ``mask_stages="all"`` give one mask head per stage in a
+``torch.nn.ModuleList``::
 
     import torch
     from detectron2.config import LazyCall as L
@@ -23,8 +24,9 @@ head per stage in a ``torch.nn.ModuleList``::
     model.roi_heads.mask_stages = "all"
     model.roi_heads.mask_head = L(torch.nn.ModuleList)(modules=[head, head, head])
 """
+
 # This file lives outside Detectron2's config tree, so Detectron2's common pieces cannot be
-# imported relatively (``from cmrcnn_ext.configs.common.models... import model``); detectron2.model_zoo loads them.
+# imported relatively (``from ..common.models... import model``); detectron2.model_zoo loads them.
 from detectron2.model_zoo import get_config
 
 # Absolute imports: lazyconfig_train_net.py imports only detectron2. Importing cmrcnn_ext also
@@ -61,7 +63,7 @@ model.roi_heads.update(
 model.roi_heads.mask_head._target_ = CMRCNNConvUpsampleHead
 model.roi_heads.mask_head.channels_last_cpu = False  # MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD
 
-# TEST.CMRCNN_EVALUATOR "faster": COCO AP computed with faster-coco-eval.
+# TEST.CMRCNN.EVALUATOR "faster": COCO AP computed with faster-coco-eval.
 dataloader.evaluator._target_ = FastCOCOEvaluator
 
 # MODEL.WEIGHTS: ImageNet R-50 (Detectron2's MSRA weights, BGR, caffe-style stride in 1x1).

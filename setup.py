@@ -28,9 +28,15 @@ setup(
         "pycocotools>=2.0.2",
         "matplotlib",
         "tqdm",
+        # Detectron2's data transforms import cv2 without declaring it
         "opencv-python-headless",
         "faster-coco-eval>=1.6",
-        "psutil",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout", "onnx", "onnxruntime", "ruff"]},
+    extras_require={
+        # ONNX export and its check against the eager model
+        "onnx": ["onnx", "onnxruntime"],
+        # benchmarks/ (memory readings)
+        "bench": ["psutil", "onnx", "onnxruntime"],
+        "test": ["pytest>=7", "pytest-timeout", "onnx", "onnxruntime", "ruff", "psutil"],
+    },
 )

@@ -1,5 +1,5 @@
 """Initial weights in every layout, clear errors, weights_only loading and atomic saving
-(cmrcnn_ext/checkpoint.py)."""
+(cmrcnn_ext/engine/checkpoint.py)."""
 
 import argparse
 import io

@@ -1,5 +1,5 @@
 """Interrupted training loses nothing: kill train_net.py after a checkpoint, resume it, and end
-with the weights of an uninterrupted run (cmrcnn_ext/resume.py, cmrcnn_ext/checkpoint.py)."""
+with the weights of an uninterrupted run (cmrcnn_ext/engine/resume.py, rng.py, checkpoint.py)."""
 
 import json
 import os

@@ -58,7 +58,7 @@ class Trainer(DefaultTrainer):
     Checkpoints go through :class:`~cmrcnn_ext.engine.checkpoint.CMRCNNCheckpointer` (more
     ``MODEL.WEIGHTS`` layouts, atomic saves), and ``--resume`` continues exactly where the
     interrupted run stopped: optimizer state, data order and RNG states are restored
-    (cmrcnn_ext/resume.py).
+    (cmrcnn_ext/engine/resume.py, rng.py).
     """
 
     def __init__(self, cfg):
@@ -153,7 +153,7 @@ class Trainer(DefaultTrainer):
             tta = d2_hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model))
             writers = [i for i, h in enumerate(hooks) if isinstance(h, d2_hooks.PeriodicWriter)]
             hooks.insert(writers[0] if writers else len(hooks), tta)
-        # RNGStateHook before the checkpointer: exact resume (cmrcnn_ext/resume.py).
+        # RNGStateHook before the checkpointer: exact resume (cmrcnn_ext/engine/resume.py, rng.py).
         first = [NonFiniteLossGuard(), RNGStateHook(), DataSummaryHook(self.cfg)]
         return first + hooks + [RunReportHook(self.cfg)]
 

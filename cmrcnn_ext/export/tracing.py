@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import nms
 
+from cmrcnn_ext.modeling.mask_head import class_mask_probs, mask_heads
+
 #: Mask formats of the exported model's output.
 MASK_FORMATS = ("bool", "probs")
 
@@ -159,7 +161,7 @@ class ExportableCascadeMaskRCNN(nn.Module):
         self.score_thresh = float(last.test_score_thresh)
         self.nms_thresh = float(last.test_nms_thresh)
         self.topk = int(last.test_topk_per_image)
-        heads = list(rh.mask_head) if isinstance(rh.mask_head, nn.ModuleList) else [rh.mask_head]
+        heads = mask_heads(rh.mask_head)
         self.merge_mean = len(heads) > 1 and getattr(rh, "test_mask_merge", "last") == "mean"
         self.eval()
 
@@ -252,17 +254,6 @@ class ExportableCascadeMaskRCNN(nn.Module):
         keep = _nonempty(boxes)
         return boxes[keep], scores[keep], classes[keep]
 
-    @staticmethod
-    def _mask_probs(head, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Sigmoid probabilities (R, M, M) of each box's class (``mask_rcnn_inference``)."""
-        logits = head.layers(x)
-        predictor = getattr(head, "predictor", None)
-        agnostic = predictor.out_channels == 1 if predictor is not None else logits.shape[1] == 1
-        if agnostic:
-            return logits[:, 0].sigmoid()
-        index = torch.arange(logits.shape[0], device=logits.device)
-        return logits[index, classes].sigmoid()
-
     def _masks(self, features, boxes: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         rh = self.model.roi_heads
         # One extra box, whose mask is dropped, so that the mask head never runs on an empty
@@ -271,12 +262,10 @@ class ExportableCascadeMaskRCNN(nn.Module):
         boxes = torch.cat([boxes, boxes.new_tensor([[0.0, 0.0, 1.0, 1.0]])])
         classes = torch.cat([classes, classes.new_zeros(1)])
         x = self._pool(rh.mask_pooler, [features[f] for f in rh.mask_in_features], boxes)
-        heads = list(rh.mask_head) if isinstance(rh.mask_head, nn.ModuleList) else [rh.mask_head]
-        if not self.merge_mean:
-            probs = self._mask_probs(heads[-1], x, classes)
-        else:
-            probs = sum(self._mask_probs(h, x, classes) for h in heads) / len(heads)
-        return probs[:-1]
+        heads = mask_heads(rh.mask_head)
+        used = heads if self.merge_mean else heads[-1:]
+        probs = sum(class_mask_probs(h.layers(x), classes) for h in used) / len(used)
+        return probs[:-1, 0]
 
     # --------------------------------------------------------------------------------- forward
     def forward(

@@ -1,6 +1,6 @@
 """Mask head of cmrcnn_ext: Detectron2's conv-upsample head plus probability output."""
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from detectron2.config import configurable
@@ -9,6 +9,7 @@ from detectron2.modeling.roi_heads.mask_head import (
     MaskRCNNConvUpsampleHead,
 )
 from detectron2.structures import Instances
+from torch import nn
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
@@ -119,9 +120,31 @@ class CMRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         Returns:
             Tensor: (R, 1, M, M) probabilities in [0, 1].
         """
-        logits = self.layers(x)
-        if logits.shape[1] == 1:  # class-agnostic mask
-            return logits.sigmoid()
-        classes = torch.cat([i.pred_classes for i in instances])
-        index = torch.arange(logits.shape[0], device=logits.device)
-        return logits[index, classes][:, None].sigmoid()
+        return class_mask_probs(self.layers(x), torch.cat([i.pred_classes for i in instances]))
+
+
+def class_mask_probs(
+    logits: torch.Tensor, classes: torch.Tensor, rows: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Sigmoid probabilities of each detection's class channel, as Detectron2's
+    ``mask_rcnn_inference`` selects them (the one channel of class-agnostic logits).
+
+    Args:
+        logits (Tensor): (R, K or 1, M, M) mask logits.
+        classes (Tensor): (N,) class of each detection.
+        rows (Tensor or None): (N,) row of ``logits`` for each detection; default row i.
+
+    Returns:
+        Tensor: (N, 1, M, M) probabilities.
+    """
+    if rows is None:
+        rows = torch.arange(logits.shape[0], device=logits.device)
+    if logits.shape[1] == 1:  # class-agnostic masks
+        return logits[rows].sigmoid()
+    return logits[rows, classes][:, None].sigmoid()
+
+
+def mask_heads(mask_head: nn.Module) -> List[nn.Module]:
+    """The mask heads held by ROI heads' ``mask_head``: one, or one per cascade stage (an
+    ``nn.ModuleList``, ``MODEL.CMRCNN.MASK_STAGES`` "all")."""
+    return list(mask_head) if isinstance(mask_head, nn.ModuleList) else [mask_head]

@@ -89,7 +89,7 @@ _TABLES = {}
 def _feature_table(features):
     """Row-major (pixel, channel) copy of (N, C, H, W) ``features``: one row per feature vector,
     as ``embedding_bag`` gathers them. A view for channels-last features; for NCHW ones a copy
-    (for N == 1 reshape would return a column-major view, on which the gather is ~15x slower).
+    (for N == 1 reshape would return a column-major view, on which the gather is much slower).
 
     Without autograd the copy is made once per feature map and reused (R50-FPN, 800 x 1067: 75 MB
     per image that three box stages and the mask pooler would otherwise copy again)."""
@@ -230,11 +230,9 @@ class FastROIAlign(nn.Module):
 
     def forward(self, input, rois):
         # On the CPU the gather is faster than torchvision's serial kernel in both directions
-        # (demo, 128 boxes 7x7 from a 64x64x128 map, 1 thread: forward 12.8 -> 6.9 ms; training
-        # step ~16% faster; R50-FPN, 1000 proposals, 800 x 1067, adaptive grid: 190 -> 58 ms).
-        # Training with the adaptive grid stays on torchvision's kernel: there the gather's
-        # per-call feature table (not shared while autograd records) and its backward made
-        # an R50-FPN training step slower (measured 1.08-1.17x).
+        # (docs/performance.md). Training with the adaptive grid stays on torchvision's kernel:
+        # there the gather's per-call feature table (not shared while autograd records) and its
+        # backward made an R50-FPN training step slower.
         adaptive_backward = (
             self.sampling_ratio <= 0 and torch.is_grad_enabled() and input.requires_grad
         )

@@ -21,6 +21,7 @@ from torch import nn
 from cmrcnn_ext.compat import cascade_final_nms
 from cmrcnn_ext.config.validate import check_values
 from cmrcnn_ext.modeling.box_inference import fast_rcnn_inference_prefix
+from cmrcnn_ext.modeling.mask_head import class_mask_probs, mask_heads
 from cmrcnn_ext.modeling.mask_head_layout import adapt_mask_head_keys
 from cmrcnn_ext.modeling.roi_align import use_fast_roi_align
 
@@ -151,9 +152,7 @@ class CascadeMaskROIHeads(CascadeROIHeads):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _mask_heads(self) -> List[nn.Module]:
-        if isinstance(self.mask_head, nn.ModuleList):
-            return list(self.mask_head)
-        return [self.mask_head]
+        return mask_heads(self.mask_head)
 
     def mask_train_stages(self) -> List[int]:
         """Indices (0-based) of the stages whose mask head is trained, one per mask head."""
@@ -243,11 +242,7 @@ class CascadeMaskROIHeads(CascadeROIHeads):
         classes = torch.cat([i.pred_classes for i in instances])
         probs = None
         for head in heads:
-            logits = head.layers(x)
-            if logits.shape[1] == 1:  # class-agnostic masks
-                p = logits[rows].sigmoid()
-            else:
-                p = logits[rows, classes][:, None].sigmoid()
+            p = class_mask_probs(head.layers(x), classes, rows)
             probs = p if probs is None else probs + p
         if len(heads) > 1:
             probs = probs / len(heads)

@@ -133,7 +133,7 @@ def test_demo_predict_export_run_from_another_folder(installed):
         env=env,
     )
     assert "box AP" in text
-    for name in ("results.json", "training_curves.png", "model_final.pth"):
+    for name in ("results.json", "training_curves.png", "model_final.pth", "config.yaml"):
         assert (out / name).is_file(), name
     image = sorted(glob.glob(os.path.join(env["CMRCNN_DATA"], "val", "*.png")))[0]
     _run(
@@ -171,3 +171,8 @@ def test_demo_predict_export_run_from_another_folder(installed):
         env=env,
     )
     assert (work / "model.ts").is_file()
+    # the demo's output folder is a run folder: its config.yaml and final checkpoint
+    predict = os.path.join(os.path.dirname(python), "cmrcnn-predict")
+    _run([predict, "--run", str(out), "--input", image, "--output", str(work / "pred_run")],
+         cwd=str(work), env=env)  # fmt: skip
+    assert (work / "pred_run" / "coco_results.json").is_file()

@@ -103,6 +103,10 @@ def main(argv=None):
     # seeds here the same way: with SEED >= 0 every run starts from the same weights and draws the
     # same images in the same order (SEED < 0: a new seed per run, as in Detectron2).
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
+    # the run's config, as train_net.py's default_setup saves it: the output folder is then a
+    # run folder for cmrcnn-predict / cmrcnn-export --run and train_net.py --eval-only
+    with open(os.path.join(args.output, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
     t_data = time.perf_counter() - start
 
     print(

@@ -28,11 +28,15 @@ def trace(wrapper: ExportableCascadeMaskRCNN, example: torch.Tensor):
     """``torch.jit.trace`` a copy of the wrapper, without gradients, on one example image
     (3, H, W). The trace is valid for other sizes and detection counts (checked by
     tests/test_export.py); ``check_trace`` is off because it would re-run the model to compare
-    graphs, which data-dependent sizes make differ anyway."""
-
+    graphs, which data-dependent sizes make differ anyway. torch's deprecation warnings of
+    ``torch.jit.trace`` are silenced here: TorchScript is the format this export produces
+    (docs/export.md)."""
     wrapper = copy.deepcopy(wrapper).eval().requires_grad_(False)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.trace(_method)?` is deprecated", category=FutureWarning
+        )
         return torch.jit.trace(wrapper, (example,), check_trace=False, strict=False)
 
 

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 
 from cmrcnn_ext.engine.cli import add_debug_argument, run
 from cmrcnn_ext.export.compare import compare_outputs
-from cmrcnn_ext.export.io import FORMATS, export_onnx, export_torchscript, metadata
+from cmrcnn_ext.export.io import (
+    FORMATS,
+    export_onnx,
+    export_torchscript,
+    metadata,
+    torchscript_calls,
+)
 from cmrcnn_ext.export.tracing import MASK_FORMATS, build_exportable
 
 
@@ -77,7 +83,8 @@ def main(argv=None):
         exported = export_torchscript(
             wrapper, example, args.output, metadata(cfg, args.mask_format)
         )
-        exported = torch.jit.load(args.output, map_location=cfg.MODEL.DEVICE)
+        with torchscript_calls():
+            exported = torch.jit.load(args.output, map_location=cfg.MODEL.DEVICE)
     else:
         export_onnx(wrapper, example, args.output, args.opset, metadata(cfg, args.mask_format))
         exported = None

@@ -4,6 +4,7 @@ The exported model's input / output contract is :class:`~cmrcnn_ext.export.traci
 ExportableCascadeMaskRCNN`'s; ``docs/export.md`` describes it for users.
 """
 
+import contextlib
 import copy
 import inspect
 import json
@@ -24,19 +25,26 @@ METADATA_NAME = "cmrcnn_export.json"
 OUTPUT_NAMES = ("boxes", "scores", "classes", "masks")
 
 
+@contextlib.contextmanager
+def torchscript_calls():
+    """Silence torch's deprecation warnings of its TorchScript API (``torch.jit.trace``,
+    ``save``, ``load``) around the export's own calls: TorchScript is the format this export
+    produces (docs/export.md); other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning
+        )
+        yield
+
+
 def trace(wrapper: ExportableCascadeMaskRCNN, example: torch.Tensor):
     """``torch.jit.trace`` a copy of the wrapper, without gradients, on one example image
     (3, H, W). The trace is valid for other sizes and detection counts (checked by
     tests/test_export.py); ``check_trace`` is off because it would re-run the model to compare
-    graphs, which data-dependent sizes make differ anyway. torch's deprecation warnings of
-    ``torch.jit.trace`` are silenced here: TorchScript is the format this export produces
-    (docs/export.md)."""
+    graphs, which data-dependent sizes make differ anyway."""
     wrapper = copy.deepcopy(wrapper).eval().requires_grad_(False)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), torchscript_calls(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings(
-            "ignore", message=r"`torch\.jit\.trace(_method)?` is deprecated", category=FutureWarning
-        )
         return torch.jit.trace(wrapper, (example,), check_trace=False, strict=False)
 
 
@@ -66,7 +74,8 @@ def export_torchscript(wrapper, example, path, meta=None):
     """Trace ``wrapper`` on ``example`` and save it (with ``meta`` as JSON extra file)."""
     traced = trace(wrapper, example)
     extra = {METADATA_NAME: json.dumps(meta or {}, indent=1)}
-    torch.jit.save(traced, path, _extra_files=extra)
+    with torchscript_calls():
+        torch.jit.save(traced, path, _extra_files=extra)
     return traced
 
 
@@ -126,5 +135,6 @@ def load_metadata(path):
         }
         return json.loads(props.get(METADATA_NAME.split(".")[0], "{}"))
     extra = {METADATA_NAME: ""}
-    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with torchscript_calls():
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return json.loads(extra[METADATA_NAME] or "{}")

@@ -157,45 +157,47 @@ class CheckpointReader:
         )
 
     def _torch_load(self, filename: str):
-        needs = None
-        try:
-            with torch.serialization.safe_globals(_numpy_safe_globals()):
-                return torch.load(filename, map_location=torch.device("cpu"), weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "weights only load failed" in str(e).lower():
+        def weights_only():
+            try:
+                with torch.serialization.safe_globals(_numpy_safe_globals()):
+                    return torch.load(filename, map_location=torch.device("cpu"), weights_only=True)
+            except pickle.UnpicklingError as e:
+                if "weights only load failed" not in str(e).lower():
+                    raise
                 found = re.search(r"GLOBAL ([\w\.]+)", str(e))
-                needs = found.group(1) if found else "unsupported globals"
-            else:
-                reason = f"corrupt or not a checkpoint ({first_line(e)})"
-        except Exception as e:
-            reason = f"corrupt, truncated or not a checkpoint ({first_line(e)})"
-        if needs is None:
-            raise self._error(filename, reason)
-        self._may_unpickle(filename, needs)
-        try:
+                raise _NeedsFullPickle(found.group(1) if found else "unsupported globals") from None
+
+        def full():
             return torch.load(filename, map_location=torch.device("cpu"), weights_only=False)
-        except Exception as e:
-            reason = f"full unpickling failed too ({first_line(e)})"
-        raise self._error(filename, reason)
+
+        return self._read(filename, weights_only, full, "corrupt, truncated or not a checkpoint")
 
     def _pickle_load(self, filename: str):
-        needs = None
-        try:
+        def unpickle(unpickler):
             with open(filename, "rb") as f:
-                return _NumpyOnlyUnpickler(f, encoding="latin1").load()
+                return unpickler(f, encoding="latin1").load()
+
+        return self._read(
+            filename,
+            lambda: unpickle(_NumpyOnlyUnpickler),
+            lambda: unpickle(pickle.Unpickler),
+            "corrupt or truncated pickle",
+        )
+
+    def _read(self, filename: str, restricted, full, broken: str):
+        """``restricted()`` (tensors and arrays only); if the file needs more, ``full()`` where
+        :meth:`_may_unpickle` allows it. Any failure raises a :class:`CheckpointError`."""
+        try:
+            return restricted()
         except _NeedsFullPickle as e:
             needs = str(e)
         except Exception as e:
-            reason = f"corrupt or truncated pickle ({first_line(e)})"
-        if needs is None:
-            raise self._error(filename, reason)
+            raise self._error(filename, f"{broken} ({first_line(e)})") from None
         self._may_unpickle(filename, needs)
         try:
-            with open(filename, "rb") as f:
-                return pickle.load(f, encoding="latin1")
+            return full()
         except Exception as e:
-            reason = f"full unpickling failed ({first_line(e)})"
-        raise self._error(filename, reason)
+            raise self._error(filename, f"full unpickling failed ({first_line(e)})") from None
 
     def read(self, filename, pycls_loader=None):
         """The checkpoint dict (``{"model": ...}`` and whatever else the file holds) of

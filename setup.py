@@ -13,6 +13,7 @@ setup(
     package_data={"cmrcnn_ext": ["configs/*.yaml", "configs/*/*.yaml", "configs/*/*.py"]},
     entry_points={
         "console_scripts": [
+            "cmrcnn-train = cmrcnn_ext.apps.train:cli",
             "cmrcnn-demo = cmrcnn_ext.apps.demo:cli",
             "cmrcnn-predict = cmrcnn_ext.apps.predict:cli",
             "cmrcnn-export = cmrcnn_ext.apps.export:cli",

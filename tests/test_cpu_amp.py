@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from cmrcnn_ext.engine import Trainer  # the real class (tests patch the app's name)
+
 from reliability_helpers import load_train_net, make_data, read_metrics, train_argv
 
 
@@ -36,11 +38,11 @@ def test_cpu_amp_trains_in_bfloat16_and_saves_float32(tmp_path, monkeypatch):
                 p.dtype for p in self.trainer.model.parameters()
             )
 
-    class ProbedTrainer(train_net.Trainer):
+    class ProbedTrainer(Trainer):
         def build_hooks(self):
             return [DtypeProbe()] + super().build_hooks()
 
-    monkeypatch.setattr(train_net, "Trainer", ProbedTrainer)
+    monkeypatch.setattr("cmrcnn_ext.apps.train.Trainer", ProbedTrainer)
     out = tmp_path / "out"
     args = train_net.get_parser().parse_args(
         train_argv(tmp_path / "data", out, ["SOLVER.MAX_ITER", 3, "SOLVER.AMP.ENABLED", True])

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from cmrcnn_ext.engine import Trainer  # the real class (tests patch the app's name)
+
 from reliability_helpers import load_train_net, make_data, train_argv
 
 NUM_ITER = 3
@@ -38,11 +40,11 @@ def _losses_per_iteration(tmp_path, name, seed, monkeypatch, num_iter=NUM_ITER):
                 if i == it and ("loss" in k)
             }
 
-    class RecordingTrainer(train_net.Trainer):
+    class RecordingTrainer(Trainer):
         def build_hooks(self):
             return super().build_hooks() + [Recorder()]
 
-    monkeypatch.setattr(train_net, "Trainer", RecordingTrainer)
+    monkeypatch.setattr("cmrcnn_ext.apps.train.Trainer", RecordingTrainer)
     args = train_net.get_parser().parse_args(
         train_argv(
             tmp_path / "data",

@@ -446,7 +446,8 @@ def test_run_writes_results_curves_and_the_data_summary(run):
     out = run["out"]
     with open(out / "results.json") as f:
         report = json.load(f)
-    assert set(report["results"]) == {"bbox", "segm"}
+    assert set(report["results"]) == {"bbox", "segm", "timing"}
+    assert report["results"]["timing"]["inference_ms_per_image"] > 0
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert report["results"]["segm"]["AP"] == pytest.approx(metrics[-1]["segm/AP"])
     assert {"AP-square", "AP-triangle"} <= set(report["results"]["bbox"])
@@ -514,7 +515,7 @@ def test_eval_only_of_the_run_and_untrained_on_request(run):
     args = train_net.get_parser().parse_args(
         ["--eval-only", "--eval-untrained"] + base + ["MODEL.WEIGHTS", ""]
     )
-    assert set(train_net.main(args)) == {"bbox", "segm"}
+    assert set(train_net.main(args)) == {"bbox", "segm", "timing"}
 
 
 def test_predict_with_the_run_folder(run, tmp_path):

@@ -164,4 +164,5 @@ class RunReportHook(HookBase):
         logger.info("Wrote %s%s", path, f" and {png}" if png else "")
 
 
-_TASKS = ("bbox", "segm", "keypoints", "box_proposals", "bbox_TTA", "segm_TTA")
+_TASKS = ("bbox", "segm", "keypoints", "box_proposals", "timing")
+_TASKS += tuple(t + "_TTA" for t in _TASKS)

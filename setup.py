@@ -10,13 +10,16 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cmrcnn_ext", "cmrcnn_ext.*"]),
     # the configs are package data, found by name (cmrcnn_ext.model_zoo.get_config_file)
-    package_data={"cmrcnn_ext": ["configs/*.yaml", "configs/*/*.yaml", "configs/*/*.py"]},
+    package_data={
+        "cmrcnn_ext": ["configs/*.yaml", "configs/*/*.yaml", "configs/*/*.py", "tune/spaces/*.yaml"]
+    },
     entry_points={
         "console_scripts": [
             "cmrcnn-train = cmrcnn_ext.apps.train:cli",
             "cmrcnn-demo = cmrcnn_ext.apps.demo:cli",
             "cmrcnn-predict = cmrcnn_ext.apps.predict:cli",
             "cmrcnn-export = cmrcnn_ext.apps.export:cli",
+            "cmrcnn-tune = cmrcnn_ext.apps.tune:cli",
         ]
     },
     python_requires=">=3.9",
@@ -38,6 +41,16 @@ setup(
         "onnx": ["onnx", "onnxruntime"],
         # benchmarks/ (memory readings)
         "bench": ["psutil", "onnx", "onnxruntime"],
-        "test": ["pytest>=7", "pytest-timeout", "onnx", "onnxruntime", "ruff", "psutil"],
+        # hyperparameter studies (cmrcnn-tune): Optuna's samplers, pruners and storages
+        "tune": ["optuna>=4"],
+        "test": [
+            "pytest>=7",
+            "pytest-timeout",
+            "onnx",
+            "onnxruntime",
+            "ruff",
+            "psutil",
+            "optuna>=4",
+        ],
     },
 )

@@ -14,6 +14,7 @@ import torch
 
 from cmrcnn_ext.config.defaults import add_cmrcnn_config
 from cmrcnn_ext.config.validate import ConfigError, validate_config
+from cmrcnn_ext.config.values import config_keys
 from cmrcnn_ext.model_zoo import resolve_config_file
 
 __all__ = ["load_config", "setup_cfg"]
@@ -67,15 +68,7 @@ def load_config(config_file, opts=()):
 def _unknown_key_message(cfg, error, source):
     """Turn yacs' "Non-existent config key: X" into a message that names a fix."""
     key = error.strip("'\"").split(":")[-1].strip()
-    known = []
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            known.append(prefix + k)
-            if hasattr(v, "items"):
-                walk(v, prefix + k + ".")
-
-    walk(cfg, "")
+    known = config_keys(cfg)
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return (

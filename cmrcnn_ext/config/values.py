@@ -23,6 +23,7 @@ __all__ = [
     "OneOf",
     "Text",
     "cfg_value",
+    "config_keys",
     "format_value",
     "plain_value",
 ]
@@ -215,3 +216,17 @@ class ListOf(Allowed):
         if self.length is not None and len(value) != self.length:
             return False
         return all(self.item.contains(v) for v in value)
+
+
+def config_keys(cfg) -> list:
+    """Every key of ``cfg`` as a dotted path (``"MODEL.RPN.IOU_THRESHOLDS"``), nodes included."""
+    keys = []
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            keys.append(prefix + k)
+            if hasattr(v, "items"):
+                walk(v, prefix + k + ".")
+
+    walk(cfg, "")
+    return keys

@@ -1,0 +1,465 @@
+"""cmrcnn-tune: search spaces, studies of real (tiny) training runs, pruning, failures, kill +
+resume, two workers on one storage, the report, and test-time sweeps against --eval-only."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+pytest.importorskip("optuna")
+import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from conftest import DEMO_CONFIG, ROOT  # noqa: E402
+from reliability_helpers import SMALL_OPTS, make_data  # noqa: E402
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# float32: at 64 px the CPU's bfloat16 autocast of the demo config is slower
+FAST = ["SOLVER.AMP.ENABLED", "False"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("tune_data"), num_train=6, num_val=3)
+
+
+def _space(tmp_path, spec, name="space.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def _argv(command, data, space, study, *extra, iters=4, opts=()):
+    """A cmrcnn-tune command on the tiny data: small model, ``iters`` training iterations."""
+    data = str(data)
+    return (
+        [command, "--config-file", DEMO_CONFIG, "--space", space, "--study-dir", str(study)]
+        + [str(x) for x in extra]
+        + ["--train-json", os.path.join(data, "train.json")]
+        + ["--train-images", os.path.join(data, "train")]
+        + ["--val-json", os.path.join(data, "val.json")]
+        + ["--val-images", os.path.join(data, "val")]
+        + [str(x) for x in SMALL_OPTS]
+        + ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", "()"]
+        + FAST
+        + [str(x) for x in opts]
+    )
+
+
+def _cli(argv):
+    from cmrcnn_ext.apps.tune import get_parser, main
+
+    return main(get_parser().parse_args(argv))
+
+
+def _load(study_dir):
+    from cmrcnn_ext.tune.storage import default_storage_url
+
+    name = os.path.basename(os.path.abspath(study_dir))
+    return optuna.load_study(study_name=name, storage=default_storage_url(str(study_dir)))
+
+
+def _proc(argv):
+    return subprocess.Popen(
+        [sys.executable, "-m", "cmrcnn_ext.tune"] + argv,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+# ---------------------------------------------------------------- search spaces (no training)
+
+
+def test_search_space_file_problems_are_listed(tmp_path):
+    from cmrcnn_ext.config.setup import load_config
+    from cmrcnn_ext.tune.space import SearchSpaceError, load_space
+
+    cfg = load_config(DEMO_CONFIG, [])
+    bad = {
+        "MODEL.NOT_A_KEY": {"choices": [1]},
+        "MODEL.ROI_BOX_HEAD.NUM_FC": {"int": [3, 1]},
+        "SOLVER.BASE_LR": {"float": [0.0, 0.1], "log": True},
+        "MODEL.RPN.IOU_THRESHOLDS": {"choices": [[0.3, 0.7]], "when": {"MODEL.NOPE": 1}},
+    }
+    with pytest.raises(SearchSpaceError) as e:
+        load_space(_space(tmp_path, bad), cfg)
+    msg = str(e.value)
+    assert "4 problem(s)" in msg
+    for part in ("MODEL.NOT_A_KEY", "low < high", "log scale needs low > 0", "MODEL.NOPE"):
+        assert part in msg
+
+
+def test_conditional_keys_and_also_overrides(tmp_path):
+    from cmrcnn_ext.config.setup import load_config
+    from cmrcnn_ext.tune.space import load_space
+
+    cfg = load_config(DEMO_CONFIG, [])
+    space = load_space(os.path.join(ROOT, "cmrcnn_ext/tune/spaces/reference_space.yaml"), cfg)
+    base = {"MODEL.CMRCNN.MASK_STAGES": "last"}
+    fixed = {
+        "MODEL.RESNETS.DEPTH": 50,
+        "MODEL.BACKBONE.FREEZE_AT": 2,
+        "MODEL.RPN.IOU_THRESHOLDS": "[0.4, 0.6]",
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN": 1000,
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN": 500,
+        "MODEL.RPN.PRE_NMS_TOPK_TEST": 500,
+        "MODEL.RPN.POST_NMS_TOPK_TEST": 250,
+        "MODEL.ROI_BOX_HEAD.NUM_CONV": 4,
+        "MODEL.ROI_BOX_HEAD.NUM_FC": 1,
+        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": 7,
+        "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION": 14,
+        "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO": 0,
+        "MODEL.ROI_BOX_CASCADE_HEAD.IOUS": "[0.4, 0.5, 0.6]",
+        "MODEL.CMRCNN.MASK_STAGES": "first",
+        "MODEL.CMRCNN.STAGE_LOSS_WEIGHTS": "[1.0, 0.5, 0.25]",
+    }
+    out = space.sample(optuna.trial.FixedTrial(fixed), base)
+    assert "MODEL.CMRCNN.TEST_MASK_MERGE" not in out  # MASK_STAGES first: not sampled
+    assert out["MODEL.RESNETS.RES2_OUT_CHANNELS"] == 256  # DEPTH 50's `also`
+    assert out["MODEL.ROI_HEADS.IOU_THRESHOLDS"] == [0.4]  # the cascade's first IoU
+    assert out["MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO"] == 0
+    assert out["MODEL.RPN.IOU_THRESHOLDS"] == [0.4, 0.6]
+    fixed.update({"MODEL.CMRCNN.MASK_STAGES": "all", "MODEL.CMRCNN.TEST_MASK_MERGE": "mean"})
+    out = space.sample(optuna.trial.FixedTrial(fixed), base)
+    assert out["MODEL.CMRCNN.TEST_MASK_MERGE"] == "mean"
+    # every sampled config passes the project's validation (the space is consistent)
+    from cmrcnn_ext.config.validate import config_problems
+    from cmrcnn_ext.tune.trial import config_opts
+
+    assert config_problems(load_config(DEMO_CONFIG, config_opts(out))) == []
+
+
+def test_one_at_a_time_variations(tmp_path):
+    from cmrcnn_ext.config.setup import load_config
+    from cmrcnn_ext.tune.one_at_a_time import include_base_values, variations
+    from cmrcnn_ext.tune.space import load_space
+
+    cfg = load_config(DEMO_CONFIG, [])
+    space = load_space(os.path.join(ROOT, "cmrcnn_ext/tune/spaces/demo_claims_space.yaml"), cfg)
+    base = {p: None for p in space.keys()}
+    from cmrcnn_ext.config.values import cfg_value
+
+    base = {k: (list(v) if isinstance(v, tuple) else v) for k in base for v in [cfg_value(cfg, k)]}
+    include_base_values(space, base)
+    names = [n for n, _ in variations(space, base)]
+    assert names[0] == "baseline"
+    assert "MODEL.CMRCNN.MASK_STAGES=first" in names
+    # a conditional key is varied with its condition: against MASK_STAGES all (last by default)
+    assert "MODEL.CMRCNN.MASK_STAGES=all, MODEL.CMRCNN.TEST_MASK_MERGE=mean" in names
+    # one trial per alternative value: baseline + 15 (MASK_STAGES has two alternatives)
+    assert len(names) == 1 + 15 and len(set(names)) == len(names)
+
+
+# ---------------------------------------------------------------- studies of tiny training runs
+
+
+def test_tiny_study_end_to_end_report_and_hparams(tmp_path, data):
+    space = _space(tmp_path, {"MODEL.ROI_BOX_HEAD.NUM_FC": {"choices": [1, 2]}})
+    study_dir = tmp_path / "study"
+    out = _cli(_argv("run", data, space, study_dir, "--trials", 2, "--seed", 3))
+    study = out["study"]
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 2
+    report = (study_dir / "report.md").read_text()
+    csv_text = (study_dir / "trials.csv").read_text()
+    for t in done:
+        folder = study_dir / t.user_attrs["dir"]
+        with open(folder / "results.json") as f:
+            res = json.load(f)["results"]
+        # the trial's numbers are those of its own run (results.json of the training run)
+        assert t.user_attrs["mask_ap"] == pytest.approx(res["segm"]["AP"], nan_ok=True)
+        assert t.user_attrs["ms_per_image"] == pytest.approx(
+            res["timing"]["inference_ms_per_image"]
+        )
+        assert t.user_attrs["train_s_per_iter"] > 0
+        assert f"| {t.number} | complete |" in report
+        assert f"{t.user_attrs['ms_per_image']:.2f}" in report
+        assert os.path.isfile(folder / "config.yaml") and os.path.isfile(folder / "log.txt")
+        # TensorBoard HParams: an event file with the trial's hparams in its folder
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(folder))
+        cfg_text = (folder / "config.yaml").read_text()
+        assert f"NUM_FC: {t.params['MODEL.ROI_BOX_HEAD.NUM_FC']}" in cfg_text
+    assert csv_text.count("complete") == 2
+    best = yaml.safe_load((study_dir / "best_config.yaml").read_text())
+    assert best["MODEL"]["ROI_BOX_HEAD"]["NUM_FC"] in (1, 2)
+    assert "## Best trial" in report and "pareto.png" in report
+    for png in ("pareto.png", "slice_MODEL.ROI_BOX_HEAD.NUM_FC.png"):
+        assert os.path.getsize(study_dir / png) > 1000
+    # the study's own overhead is recorded per trial
+    rows = [json.loads(x) for x in (study_dir / "timings.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["overhead_seconds"] >= 0 for r in rows)
+    # the same command again: the study has its 2 trials, nothing more runs
+    again = _cli(_argv("run", data, space, study_dir, "--trials", 2, "--seed", 3))
+    assert again["ran"] == 0 and len(again["study"].trials) == 2
+
+
+def test_invalid_combination_is_a_failed_trial_and_the_study_goes_on(tmp_path, data):
+    # TEST_MASK_MERGE mean needs MASK_STAGES all: half of this space is invalid
+    space = _space(
+        tmp_path,
+        {
+            "MODEL.CMRCNN.MASK_STAGES": {"choices": ["last", "all"]},
+            "MODEL.CMRCNN.TEST_MASK_MERGE": {"choices": ["mean"]},
+        },
+    )
+    study_dir = tmp_path / "study"
+    out = _cli(_argv("run", data, space, study_dir, "--trials", 2, "--sampler", "grid"))
+    trials = out["study"].trials
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert [t.params["MODEL.CMRCNN.MASK_STAGES"] for t in failed] == ["last"]
+    assert [t.params["MODEL.CMRCNN.MASK_STAGES"] for t in complete] == ["all"]
+    err = failed[0].user_attrs["error"]
+    assert err.startswith("invalid config") and "MASK_STAGES" in err
+    # rejected before anything trained: no training log in its folder
+    assert not os.path.exists(study_dir / failed[0].user_attrs["dir"] / "train_stdout.log")
+    assert "| failed |" in (study_dir / "report.md").read_text()
+
+
+def test_a_failing_run_is_recorded_with_its_error(tmp_path, data):
+    from cmrcnn_ext.tune.trial import TrialFailed, TrialRunner
+
+    missing = ["DATASETS.CMRCNN.TRAIN_JSON", str(tmp_path / "no.json")]
+    runner = TrialRunner(DEMO_CONFIG, missing + ["DATASETS.CMRCNN.TRAIN_IMAGE_ROOT", str(data)])
+    trial = optuna.create_study().ask()
+    with pytest.raises(TrialFailed) as e:
+        runner.run(trial, {}, str(tmp_path / "t"), prune=False)
+    assert "no.json" in str(e.value)  # the training command's own error line
+
+
+def test_pruned_trial(tmp_path, data):
+    space = _space(tmp_path, {"MODEL.ROI_BOX_HEAD.NUM_FC": {"choices": [1, 2]}})
+    study_dir = tmp_path / "study"
+    # AP cannot exceed 100: the threshold pruner stops the trial at its first evaluation
+    argv = _argv(
+        "run",
+        data,
+        space,
+        study_dir,
+        "--trials",
+        1,
+        "--pruner",
+        "threshold",
+        "--prune-below",
+        101,
+        iters=300,  # long enough to be stopped well before its end
+        # Detectron2 writes metrics.json every 20 iterations: the evaluations it shows
+        opts=["TEST.EVAL_PERIOD", 20],
+    )
+    out = _cli(argv)
+    (t,) = out["study"].trials
+    assert t.state == TrialState.PRUNED
+    # at the first evaluation (iteration 20 of 300), with its value
+    (step,) = list(t.intermediate_values)
+    assert step < 100 and t.user_attrs["pruned"].startswith(f"pruned at iteration {step}: segm/AP")
+    folder = study_dir / t.user_attrs["dir"]
+    assert not os.path.exists(folder / "model_final.pth")  # stopped before the end
+    assert "| pruned |" in (study_dir / "report.md").read_text()
+
+
+def _wait_for(pred, seconds, what):
+    end = time.time() + seconds
+    while time.time() < end:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _states(study_dir):
+    try:
+        return [t.state for t in _load(study_dir).trials]
+    except Exception:  # storage not created yet
+        return []
+
+
+def test_kill_and_resume_loses_nothing_and_runs_nothing_twice(tmp_path, data):
+    space = _space(tmp_path, {"MODEL.ROI_BOX_HEAD.NUM_FC": {"choices": [1, 2, 3]}})
+    study_dir = tmp_path / "study"
+    argv = _argv("run", data, space, study_dir, "--trials", 2, iters=30)
+    proc = _proc(argv)
+    # SIGKILL the study while its second trial trains (the first one is complete)
+    _wait_for(
+        lambda: (
+            _states(study_dir).count(TrialState.COMPLETE) == 1
+            and TrialState.RUNNING in _states(study_dir)
+            and os.path.exists(study_dir / "trials" / "trial_0001" / "train_stdout.log")
+        ),
+        300,
+        "the second trial",
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)
+    # its training process died with it (PR_SET_PDEATHSIG): nothing trains any more
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(study_dir / "trials" / "trial_0001") not in ps
+    first = _load(study_dir).trials[0]
+    resumed = _proc(argv)
+    text, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, text
+    trials = _load(study_dir).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 2  # the requested trials
+    assert complete[0].number == 0 and complete[0].datetime_complete == first.datetime_complete
+    # the killed trial: marked (FAIL, no error) and re-run once with the same parameters
+    killed = trials[1]
+    assert killed.state == TrialState.FAIL and "error" not in killed.user_attrs
+    (rerun,) = [t for t in trials if t.user_attrs.get("retry_of") == 1]
+    assert rerun.state == TrialState.COMPLETE and rerun.params == killed.params
+    assert len(trials) == 3
+    assert "interrupted (re-run)" in (study_dir / "report.md").read_text()
+
+
+def test_two_workers_share_one_storage(tmp_path, data):
+    space = _space(tmp_path, {"MODEL.ROI_BOX_HEAD.NUM_FC": {"choices": [1, 2, 3]}})
+    study_dir = tmp_path / "study"
+    os.makedirs(study_dir)
+    argv = _argv(
+        "run", data, space, study_dir, "--trials", 3, "--sampler", "random", "--pruner", "none"
+    )
+    # the storage first (two processes creating one SQLite schema at once is not a use case)
+    first = _proc(argv)
+    _wait_for(lambda: len(_states(study_dir)) > 0, 120, "the first worker's storage")
+    second = _proc(argv)
+    outs = [p.communicate(timeout=900)[0] for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outs
+    trials = _load(study_dir).trials
+    ran = [t for t in trials if not t.user_attrs.get("surplus")]
+    assert [t.state for t in ran] == [TrialState.COMPLETE] * 3
+    workers = {t.user_attrs["worker"] for t in ran}
+    assert len(workers) == 2  # both worked
+    # no trial ran twice: one training folder with results per counted trial
+    dirs = sorted(os.listdir(study_dir / "trials"))
+    with_results = [d for d in dirs if os.path.exists(study_dir / "trials" / d / "results.json")]
+    assert len(with_results) == 3
+    assert sorted(t.user_attrs["dir"] for t in ran) == [f"trials/{d}" for d in with_results]
+
+
+# ---------------------------------------------------------------- test-time sweeps
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    """A checkpoint of 60 iterations on the tiny data (AP above 0: comparisons mean
+    something)."""
+    import importlib.util
+
+    out = tmp_path_factory.mktemp("tune_trained")
+    spec = importlib.util.spec_from_file_location("tn", os.path.join(ROOT, "train_net.py"))
+    tn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tn)
+    d = str(data)
+    argv = ["--config-file", DEMO_CONFIG]
+    argv += [
+        "--train-json",
+        os.path.join(d, "train.json"),
+        "--train-images",
+        os.path.join(d, "train"),
+    ]
+    # evaluated on its training images: a model that has learnt something there
+    argv += ["--val-json", os.path.join(d, "train.json"), "--val-images", os.path.join(d, "train")]
+    argv += [str(x) for x in SMALL_OPTS] + ["SOLVER.MAX_ITER", "60", "SOLVER.STEPS", "()"]
+    argv += FAST + ["SOLVER.BASE_LR", "0.003"]
+    tn.main(tn.get_parser().parse_args(argv + ["OUTPUT_DIR", str(out)]))
+    return str(out / "model_final.pth"), argv
+
+
+def _eval_only(argv, weights, overrides, out):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tn", os.path.join(ROOT, "train_net.py"))
+    tn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tn)
+    args = tn.get_parser().parse_args(
+        ["--eval-only"] + argv + overrides + ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(out)]
+    )
+    return tn.main(args)
+
+
+def _same(a, b):
+    import math
+
+    assert set(a) == set(b)
+    for k in a:
+        if isinstance(a[k], float) and math.isnan(a[k]):
+            assert math.isnan(b[k]), k
+        else:
+            assert a[k] == pytest.approx(b[k], abs=1e-9), k
+
+
+def test_sweep_equals_eval_only_runs(tmp_path, data, trained):
+    weights, train_argv = trained
+    space = _space(
+        tmp_path,
+        {
+            "MODEL.RPN.POST_NMS_TOPK_TEST": {"choices": [4, 32]},
+            "TEST.DETECTIONS_PER_IMAGE": {"choices": [2, 50]},
+        },
+    )
+    study_dir = tmp_path / "sweep"
+    argv = ["sweep", "--config-file", DEMO_CONFIG, "--space", space, "--study-dir", str(study_dir)]
+    argv += ["--weights", weights, "--one-at-a-time"] + train_argv[2:]
+    out = _cli(argv)
+    trials = out["study"].trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3  # baseline + 2 variations
+    seen = []
+    for t in trials:
+        overrides = []
+        for k, v in t.user_attrs["overrides"].items():
+            overrides += [k, str(v)]
+        ref = _eval_only(train_argv, weights, overrides, tmp_path / f"eval_{t.number}")
+        with open(study_dir / t.user_attrs["dir"] / "results.json") as f:
+            mine = json.load(f)["results"]
+        for task in ("bbox", "segm"):
+            _same(mine[task], ref[task])
+        seen.append((mine["bbox"]["AP"], mine["segm"]["AP"]))
+    # the settings change the results (the comparison is not between equal numbers only)
+    assert len(set(seen)) > 1, seen
+    report = (study_dir / "report.md").read_text()
+    assert "Each variation's effect" in report and "TEST.DETECTIONS_PER_IMAGE=2" in report
+
+
+def test_report_command_rewrites_the_report(tmp_path, data, trained):
+    weights, train_argv = trained
+    space = _space(tmp_path, {"MODEL.ROI_HEADS.SCORE_THRESH_TEST": {"choices": [0.0, 0.5]}})
+    study_dir = tmp_path / "sweep"
+    argv = ["sweep", "--config-file", DEMO_CONFIG, "--space", space, "--study-dir", str(study_dir)]
+    _cli(argv + ["--weights", weights, "--trials", "1"] + train_argv[2:])
+    os.remove(study_dir / "report.md")
+    _cli(["report", "--study-dir", str(study_dir)])
+    assert "| 0 | complete |" in (study_dir / "report.md").read_text()
+
+
+def test_a_study_with_other_settings_is_refused(tmp_path, data):
+    from cmrcnn_ext.errors import UserError
+
+    space = _space(tmp_path, {"MODEL.ROI_BOX_HEAD.NUM_FC": {"choices": [1, 2]}})
+    other = _space(tmp_path, {"MODEL.ROI_BOX_HEAD.NUM_FC": {"choices": [1, 3]}}, "other.yaml")
+    study_dir = tmp_path / "study"
+    _cli(_argv("run", data, space, study_dir, "--trials", 0))
+    with pytest.raises(UserError, match="the search space"):
+        _cli(_argv("run", data, other, study_dir, "--trials", 1))
+
+
+@pytest.mark.slow
+def test_three_trial_demo_study(tmp_path):
+    """A 3-trial study of the demo config on its own data (shortened schedule)."""
+    space = os.path.join(ROOT, "cmrcnn_ext/tune/spaces/demo_claims_space.yaml")
+    argv = ["run", "--config-file", DEMO_CONFIG, "--space", space, "--study-dir"]
+    argv += [str(tmp_path / "demo"), "--trials", "3", "--pruner", "none"]
+    argv += ["SOLVER.MAX_ITER", "60", "SOLVER.STEPS", "(50,)", "SOLVER.WARMUP_ITERS", "20"]
+    out = _cli(argv)
+    done = [t for t in out["study"].trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 3
+    report = (tmp_path / "demo" / "report.md").read_text()
+    for t in done:
+        assert f"{t.user_attrs['mask_ap']:.2f}" in report

@@ -122,6 +122,12 @@ def test_wheel_installs_the_package_with_its_configs(installed):
     package, config = _run([python, "-c", code], cwd=str(work), env=env).split()[:2]
     assert not package.startswith(ROOT), f"imported the checkout, not the wheel: {package}"
     assert config.startswith(package) and os.path.isfile(config)
+    # the packaged search spaces, found by name, and the cmrcnn-tune console script
+    code = "from cmrcnn_ext.apps.tune import resolve_space; print(resolve_space('reference_space'))"
+    space = _run([python, "-c", code], cwd=str(work), env=env).split()[0]
+    assert space.startswith(package) and os.path.isfile(space)
+    tune = os.path.join(os.path.dirname(python), "cmrcnn-tune")
+    assert "reference_space.yaml" in _run([tune, "run", "--help"], cwd=str(work), env=env)
 
 
 def test_demo_predict_export_run_from_another_folder(installed):

@@ -193,7 +193,7 @@ def write_report(study, study_dir: str, metric: str = "segm/AP") -> str:
                 os.path.join(study_dir, "best_config.yaml"),
             )
             out += [
-                "Its full config: `best_config.yaml` (train with "
+                "Its full config: `best_config.yaml` (ready for "
                 "`train_net.py --config-file best_config.yaml`).",
                 "",
             ]

@@ -286,16 +286,10 @@ def test_kill_and_resume_loses_nothing_and_runs_nothing_twice(tmp_path, data):
     study_dir = tmp_path / "study"
     argv = _argv("run", data, space, study_dir, "--trials", 2, iters=30)
     proc = _proc(argv)
-    # SIGKILL the study while its second trial trains (the first one is complete)
-    _wait_for(
-        lambda: (
-            _states(study_dir).count(TrialState.COMPLETE) == 1
-            and TrialState.RUNNING in _states(study_dir)
-            and os.path.exists(study_dir / "trials" / "trial_0001" / "train_stdout.log")
-        ),
-        300,
-        "the second trial",
-    )
+    # SIGKILL the study as soon as its second trial has started (its folder's log exists)
+    log = study_dir / "trials" / "trial_0001" / "train_stdout.log"
+    _wait_for(lambda: os.path.exists(log) or proc.poll() is not None, 600, "the second trial")
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(1)
@@ -303,6 +297,7 @@ def test_kill_and_resume_loses_nothing_and_runs_nothing_twice(tmp_path, data):
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(study_dir / "trials" / "trial_0001") not in ps
     first = _load(study_dir).trials[0]
+    assert first.state == TrialState.COMPLETE
     resumed = _proc(argv)
     text, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, text

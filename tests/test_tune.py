@@ -16,7 +16,7 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from conftest import DEMO_CONFIG, ROOT  # noqa: E402
-from reliability_helpers import SMALL_OPTS, make_data  # noqa: E402
+from reliability_helpers import SMALL_OPTS, load_train_net, make_data  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -144,10 +144,9 @@ def test_one_at_a_time_variations(tmp_path):
 
     cfg = load_config(DEMO_CONFIG, [])
     space = load_space(os.path.join(ROOT, "cmrcnn_ext/tune/spaces/demo_claims_space.yaml"), cfg)
-    base = {p: None for p in space.keys()}
-    from cmrcnn_ext.config.values import cfg_value
+    from cmrcnn_ext.config.values import cfg_value, plain_value
 
-    base = {k: (list(v) if isinstance(v, tuple) else v) for k in base for v in [cfg_value(cfg, k)]}
+    base = {k: plain_value(cfg_value(cfg, k)) for k in space.keys()}
     include_base_values(space, base)
     names = [n for n, _ in variations(space, base)]
     assert names[0] == "baseline"
@@ -346,12 +345,8 @@ def test_two_workers_share_one_storage(tmp_path, data):
 def trained(tmp_path_factory, data):
     """A checkpoint of 60 iterations on the tiny data (AP above 0: comparisons mean
     something)."""
-    import importlib.util
-
     out = tmp_path_factory.mktemp("tune_trained")
-    spec = importlib.util.spec_from_file_location("tn", os.path.join(ROOT, "train_net.py"))
-    tn = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tn)
+    tn = load_train_net()
     d = str(data)
     argv = ["--config-file", DEMO_CONFIG]
     argv += [
@@ -369,11 +364,7 @@ def trained(tmp_path_factory, data):
 
 
 def _eval_only(argv, weights, overrides, out):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tn", os.path.join(ROOT, "train_net.py"))
-    tn = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tn)
+    tn = load_train_net()
     args = tn.get_parser().parse_args(
         ["--eval-only"] + argv + overrides + ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(out)]
     )

@@ -37,7 +37,6 @@ import time
 # Only cmrcnn_ext at the top: it imports Detectron2 first, without torch's torch.jit.script
 # deprecation warnings (cmrcnn_ext.compat.import_detectron2_quietly).
 from cmrcnn_ext.engine import Trainer
-from cmrcnn_ext.engine.checkpoint import CMRCNNCheckpointer
 from cmrcnn_ext.engine.cli import add_debug_argument, run
 from cmrcnn_ext.engine.determinism import enable_determinism
 from cmrcnn_ext.engine.launch import launch
@@ -69,19 +68,13 @@ def main(args):
         enable_determinism(cfg)
     if args.eval_only:
         start = time.perf_counter()
-        model = Trainer.build_model(cfg)
-        checkpointer = CMRCNNCheckpointer(
-            model, save_dir=cfg.OUTPUT_DIR, for_inference=not args.eval_untrained
+        model, res, weights = Trainer.evaluate_checkpoint(
+            cfg, resume=args.resume, for_inference=not args.eval_untrained
         )
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        res = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
-            weights = cfg.MODEL.WEIGHTS
-            if args.resume and checkpointer.has_checkpoint():
-                weights = checkpointer.get_checkpoint_file()
             write_results(
                 cfg.OUTPUT_DIR,
                 dict(res),

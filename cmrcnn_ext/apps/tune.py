@@ -23,7 +23,7 @@ import signal
 import sys
 
 from cmrcnn_ext.engine.cli import add_debug_argument, run
-from cmrcnn_ext.engine.setup import DATA_FLAGS
+from cmrcnn_ext.engine.setup import DATA_FLAGS, command_line_opts
 
 __all__ = ["cli", "get_parser", "main"]
 
@@ -124,10 +124,7 @@ def get_parser():
 def _options(args):
     from cmrcnn_ext.tune.study import StudyOptions
 
-    opts = [x for x in args.opts if x != "--"]
-    for attr, key in DATA_FLAGS.items():
-        if getattr(args, attr, None):
-            opts += [key, getattr(args, attr)]
+    opts = [x for x in command_line_opts(args) if x != "--"]
     return StudyOptions(
         kind="test-time" if args.command == "sweep" else "train",
         config_file=args.config_file,

@@ -108,6 +108,30 @@ class Trainer(DefaultTrainer):
         return results
 
     @classmethod
+    def evaluate_checkpoint(cls, cfg, resume=False, for_inference=True):
+        """What ``train_net.py --eval-only`` evaluates (``cmrcnn-tune sweep`` too, per setting):
+        the model of ``cfg`` with its weights loaded by
+        :class:`~cmrcnn_ext.engine.checkpoint.CMRCNNCheckpointer` (``MODEL.WEIGHTS``, or with
+        ``resume`` the last checkpoint in ``OUTPUT_DIR``), then :meth:`test`.
+
+        Args:
+            for_inference: refuse weights that are not a trained detector (False: layers missing
+                from the checkpoint keep their random init, ``--eval-untrained``).
+
+        Returns:
+            ``(model, results, weights)``; ``weights`` is the file loaded ("" for none).
+        """
+        model = cls.build_model(cfg)
+        checkpointer = CMRCNNCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, for_inference=for_inference
+        )
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+        weights = cfg.MODEL.WEIGHTS
+        if resume and checkpointer.has_checkpoint():
+            weights = checkpointer.get_checkpoint_file()
+        return model, cls.test(cfg, model), weights
+
+    @classmethod
     def test_with_TTA(cls, cfg, model):
         """Evaluate ``model`` with test-time augmentation (``TEST.AUG.*``) on ``DATASETS.TEST``.
 

@@ -15,7 +15,7 @@ import logging
 import warnings
 from typing import Any, Dict, List, Tuple
 
-from cmrcnn_ext.tune.space import SearchSpace, _plain, encode
+from cmrcnn_ext.tune.space import SearchSpace, among, encode
 
 __all__ = ["BASELINE", "include_base_values", "variations", "enqueue_variations"]
 
@@ -28,7 +28,7 @@ BASELINE = "baseline"
 def include_base_values(space: SearchSpace, base: Dict[str, Any]) -> None:
     """Add each key's base value to its choices (the baseline trial must be able to take it)."""
     for p in space.params:
-        if p.kind == "choices" and _plain(base[p.key]) not in [_plain(c) for c in p.choices]:
+        if p.kind == "choices" and not among(base[p.key], p.choices):
             p.choices.insert(0, base[p.key])
 
 
@@ -59,14 +59,14 @@ def variations(space: SearchSpace, base: Dict[str, Any]) -> List[Tuple[str, Dict
         changes: Dict[str, Any] = {}
         if not p.active(base):
             fixed = [k for k in p.when if k not in varied]
-            if any(_plain(base.get(k)) not in [_plain(v) for v in p.when[k]] for k in fixed):
+            if not all(among(base.get(k), p.when[k]) for k in fixed):
                 logger.info(
                     "%s: its condition is on keys this space does not vary; left out", p.key
                 )
                 continue
             changes = {k: allowed[0] for k, allowed in p.when.items() if k in varied}
         for value in p.values():
-            if not changes and _plain(value) == _plain(base[p.key]):
+            if not changes and among(value, [base[p.key]]):
                 continue
             values = dict(base, **changes)
             values[p.key] = value

@@ -11,6 +11,8 @@ import re
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
+from cmrcnn_ext.fileio import atomic_write
+
 __all__ = ["plot_importances", "plot_pareto", "plot_slices", "pareto_front"]
 
 logger = logging.getLogger(__name__)
@@ -27,10 +29,10 @@ def _figure(width=5.0, height=3.6):
 
 def _save(plt, fig, path: str) -> str:
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -15,9 +15,9 @@ import io
 import json
 import math
 import os
-import shutil
 from typing import Any, Dict, List, Optional
 
+from cmrcnn_ext.fileio import atomic_write
 from cmrcnn_ext.tune.effects import effects_rows, effects_table
 from cmrcnn_ext.tune.plots import plot_importances, plot_pareto, plot_slices
 
@@ -110,10 +110,7 @@ def _best(study, rows) -> Optional[Dict[str, Any]]:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _write_csv(path: str, rows) -> None:
@@ -187,11 +184,9 @@ def write_report(study, study_dir: str, metric: str = "segm/AP") -> str:
         ]
         src = os.path.join(study_dir, best["dir"], "config.yaml")
         if best["dir"] and os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(study_dir, "best_config.yaml.tmp"))
-            os.replace(
-                os.path.join(study_dir, "best_config.yaml.tmp"),
-                os.path.join(study_dir, "best_config.yaml"),
-            )
+            with open(src, "rb") as config:
+                text = config.read()
+            atomic_write(os.path.join(study_dir, "best_config.yaml"), lambda f: f.write(text))
             out += [
                 "Its full config: `best_config.yaml` (ready for "
                 "`train_net.py --config-file best_config.yaml`).",

@@ -28,9 +28,10 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from cmrcnn_ext.config.values import plain_value
 from cmrcnn_ext.errors import UserError
 
-__all__ = ["Param", "SearchSpace", "SearchSpaceError", "encode", "load_space"]
+__all__ = ["Param", "SearchSpace", "SearchSpaceError", "among", "encode", "load_space"]
 
 _KINDS = ("choices", "int", "float")
 _FIELDS = set(_KINDS) | {"step", "log", "when", "also", "claim"}
@@ -79,10 +80,7 @@ class Param:
 
     def active(self, values: Dict[str, Any]) -> bool:
         """Whether the ``when`` conditions hold for the values chosen so far."""
-        return all(
-            _plain(values.get(key)) in [_plain(v) for v in allowed]
-            for key, allowed in self.when.items()
-        )
+        return all(among(values.get(key), allowed) for key, allowed in self.when.items())
 
     def extra(self, value) -> Dict[str, Any]:
         """The ``also`` overrides that go with ``value``."""
@@ -151,6 +149,12 @@ class SearchSpace:
         return sorted({k for p in self.params for k in p.when})
 
 
+def among(value, values) -> bool:
+    """Whether ``value`` is one of ``values``, tuples and lists alike (config values come as
+    tuples, YAML values as lists)."""
+    return plain_value(value) in [plain_value(v) for v in values]
+
+
 def encode(value) -> Any:
     """A choice as Optuna stores categorical values: primitives as they are, others as JSON."""
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -161,13 +165,6 @@ def encode(value) -> Any:
 def _decode(value) -> Any:
     if isinstance(value, str) and value[:1] in "[{":
         return json.loads(value)
-    return value
-
-
-def _plain(value):
-    """Tuples as lists (config values come as tuples, YAML values as lists)."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
     return value
 
 

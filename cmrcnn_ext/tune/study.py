@@ -97,7 +97,7 @@ def open_study(o: StudyOptions):
 
     from cmrcnn_ext.config.setup import load_config
     from cmrcnn_ext.config.validate import config_problems
-    from cmrcnn_ext.config.values import cfg_value
+    from cmrcnn_ext.config.values import cfg_value, plain_value
     from cmrcnn_ext.tune.space import load_space
     from cmrcnn_ext.tune.storage import default_storage_url, open_storage
 
@@ -116,8 +116,7 @@ def open_study(o: StudyOptions):
     space = load_space(o.space_path, cfg)
     base = {}
     for key in set(space.keys()) | set(space.condition_keys()):
-        value = cfg_value(cfg, key)
-        base[key] = list(value) if isinstance(value, tuple) else value
+        base[key] = plain_value(cfg_value(cfg, key))
     if o.one_at_a_time:
         from cmrcnn_ext.tune.one_at_a_time import include_base_values
 
@@ -161,6 +160,10 @@ class _Objective:
     def __init__(self, o: StudyOptions, space, base, runner):
         self.o, self.space, self.base, self.runner = o, space, base, runner
         self.worker = workers.worker_id()
+        # trained trials of a single-objective study are pruned; a one-at-a-time study
+        # measures every variation
+        self.prune = o.kind == "train" and o.pruner != "none"
+        self.prune = self.prune and not (o.multi_objective or o.one_at_a_time)
 
     def __call__(self, trial):
         import optuna
@@ -184,15 +187,8 @@ class _Objective:
         folder = trial_dir(o.study_dir, trial.number)
         trial.set_user_attr("dir", os.path.relpath(folder, o.study_dir))
         trial.set_user_attr("overrides", overrides)
-        # a one-at-a-time study measures every variation: none is pruned
-        prune = (
-            o.pruner != "none"
-            and not o.multi_objective
-            and not o.one_at_a_time
-            and o.kind == "train"
-        )
         try:
-            report = self.runner.run(trial, overrides, folder, prune)
+            report = self.runner.run(trial, overrides, folder, self.prune)
         except TrialFailed as e:
             trial.set_user_attr("error", str(e))
             raise

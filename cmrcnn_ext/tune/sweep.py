@@ -44,7 +44,6 @@ class SweepRunner:
         """
         from cmrcnn_ext.data import register_project_datasets
         from cmrcnn_ext.engine import Trainer
-        from cmrcnn_ext.engine.checkpoint import CMRCNNCheckpointer
         from cmrcnn_ext.engine.report import write_results
 
         start = time.perf_counter()
@@ -57,11 +56,7 @@ class SweepRunner:
             cfg.freeze()
             with open(os.path.join(trial_dir, "config.yaml"), "w", encoding="utf-8") as f:
                 f.write(cfg.dump())
-            model = Trainer.build_model(cfg)
-            CMRCNNCheckpointer(model, save_dir=trial_dir, for_inference=True).resume_or_load(
-                cfg.MODEL.WEIGHTS, resume=False
-            )
-            results = Trainer.test(cfg, model)
+            _, results, _ = Trainer.evaluate_checkpoint(cfg)
         except UserError as e:
             raise TrialFailed(str(e)) from None
         except (RuntimeError, ValueError, MemoryError) as e:  # e.g. out of memory

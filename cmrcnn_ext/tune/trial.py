@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -112,13 +113,6 @@ class TrialRunner:
     num_gpus: int = 1
     poll_seconds: float = 2.0
 
-    def check(self, overrides: Dict[str, Any], trial_dir: str) -> List[str]:
-        """The trial's full override list, after validating the config it gives."""
-        opts = list(self.opts) + config_opts(overrides) + ["OUTPUT_DIR", trial_dir]
-        cfg = checked_config(self.config_file, opts)
-        self._max_iter = int(cfg.SOLVER.MAX_ITER)
-        return opts
-
     def run(self, trial, overrides: Dict[str, Any], trial_dir: str, prune: bool) -> Dict:
         """Train and evaluate one trial; returns its ``results.json`` (plus ``"wall_seconds"``).
 
@@ -127,7 +121,8 @@ class TrialRunner:
             optuna.TrialPruned: the pruner stopped the trial at an intermediate evaluation.
         """
         os.makedirs(trial_dir, exist_ok=True)
-        opts = self.check(overrides, trial_dir)
+        opts = list(self.opts) + config_opts(overrides) + ["OUTPUT_DIR", trial_dir]
+        max_iter = int(checked_config(self.config_file, opts).SOLVER.MAX_ITER)
         cmd = [sys.executable, "-m", "cmrcnn_ext.apps.train", "--config-file", self.config_file]
         cmd += ["--num-gpus", str(self.num_gpus)] + [str(x) for x in opts]
         log_path = os.path.join(trial_dir, "train_stdout.log")
@@ -143,7 +138,7 @@ class TrialRunner:
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
             try:
-                self._watch(proc, trial, trial_dir, prune, self._max_iter)
+                self._watch(proc, trial, trial_dir, prune, max_iter)
             finally:
                 if proc.poll() is None:
                     _stop(proc)
@@ -236,9 +231,7 @@ def train_seconds_per_iter(metrics_json: str) -> Optional[float]:
         return None
     if not times:
         return None
-    times.sort()
-    mid = len(times) // 2
-    return times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
+    return statistics.median(times)
 
 
 def metric_value(value: Optional[float]) -> float:

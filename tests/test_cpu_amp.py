@@ -7,6 +7,7 @@ staying float32.
 
 import os
 
+import pytest
 import torch
 
 from cmrcnn_ext.engine import Trainer  # the real class (tests patch the app's name)
@@ -87,3 +88,28 @@ def test_cpu_amp_builds_no_cuda_grad_scaler(tmp_path, monkeypatch):
     assert not scaler, scaler
     assert type(trainer._trainer) is CPUAutocastTrainer
     assert trainer.cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.AMP.ENABLED
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_amp_warns_where_bf16_is_emulated(tmp_path, monkeypatch, caplog, native):
+    """Without AVX512-BF16 / AMX, bfloat16 autocast is many times slower than float32: the
+    Trainer says so and how to train in float32, and warns about nothing on other CPUs."""
+    from cmrcnn_ext.config import setup_cfg
+    from cmrcnn_ext.engine import trainer
+    from cmrcnn_ext.engine.setup import command_line_opts
+
+    monkeypatch.setattr(trainer, "native_bf16", lambda: native)
+    monkeypatch.setenv("CMRCNN_EXT_CACHE_DIR", str(tmp_path / "cache"))
+    make_data(tmp_path / "data", num_val=0)
+    args = (
+        load_train_net()
+        .get_parser()
+        .parse_args(
+            train_argv(tmp_path / "data", tmp_path / "out", ["SOLVER.AMP.ENABLED", True], val=False)
+        )
+    )
+    with caplog.at_level("WARNING", logger="cmrcnn_ext.engine.trainer"):
+        trainer.Trainer(setup_cfg(args.config_file, command_line_opts(args)))
+    warned = [r.getMessage() for r in caplog.records if "AVX512-BF16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
+    assert native or "SOLVER.AMP.ENABLED False" in warned[0]

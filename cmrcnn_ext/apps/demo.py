@@ -26,6 +26,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from cmrcnn_ext.config import setup_cfg
 from cmrcnn_ext.engine import Trainer
 from cmrcnn_ext.engine.cli import add_debug_argument, run
+from cmrcnn_ext.engine.cpu_bf16 import native_bf16
 from cmrcnn_ext.engine.report import write_results
 
 DEMO_CONFIG = "cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml"  # packaged (cmrcnn_ext.model_zoo)
@@ -70,6 +71,25 @@ def draw_predictions(cfg, model, dataset_name, out_dir, num_images=6, score_thre
     return paths
 
 
+def precision_opts(config_file, opts):
+    """``["SOLVER.AMP.ENABLED", "False"]`` where the demo would train in bfloat16 on a CPU that
+    emulates it (no AVX512-BF16 / AMX: many times slower than float32), unless the user set the key
+    on the command line; else ``[]``. The demo then trains in float32: other arithmetic, so its
+    AP differs from the bfloat16 reference run's (docs/demo.md lists both)."""
+    if "SOLVER.AMP.ENABLED" in opts[::2] or native_bf16():
+        return []
+    cfg = setup_cfg(config_file, opts)
+    if not cfg.SOLVER.AMP.ENABLED or cfg.MODEL.DEVICE != "cpu":
+        return []
+    print(
+        "[demo] this CPU has no AVX512-BF16 or AMX: bfloat16 would be emulated (many times "
+        "slower), so the demo trains in float32 (SOLVER.AMP.ENABLED False; set it to True to "
+        "force bfloat16). Expect a longer run and other AP than the reference run.",
+        flush=True,
+    )
+    return ["SOLVER.AMP.ENABLED", "False"]
+
+
 class _EvalTimer(HookBase):
     """Notes when training proper ends, so that the final evaluation can be timed apart."""
 
@@ -98,7 +118,8 @@ def main(argv=None):
     setup_logger(name="cmrcnn_ext")
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     print("[demo] 1/3 data: synthetic shapes (generated once, then cached)", flush=True)
-    cfg = setup_cfg(args.config_file, list(args.opts) + ["OUTPUT_DIR", args.output])
+    opts = list(args.opts) + precision_opts(args.config_file, list(args.opts))
+    cfg = setup_cfg(args.config_file, opts + ["OUTPUT_DIR", args.output])
     # train_net.py seeds through Detectron2's default_setup; the demo does not call it, so it
     # seeds here the same way: with SEED >= 0 every run starts from the same weights and draws the
     # same images in the same order (SEED < 0: a new seed per run, as in Detectron2).
@@ -139,7 +160,7 @@ def main(argv=None):
     box_ap, mask_ap = results["bbox"]["AP"], results["segm"]["AP"]
     seconds = {"data": t_data, "train": t_train, "eval": t_eval, "total": total}
     seconds["seconds_per_iter"] = t_train / max(1, cfg.SOLVER.MAX_ITER)
-    summary = {"config": args.config_file, "overrides": list(args.opts)}
+    summary = {"config": args.config_file, "overrides": opts}
     write_results(args.output, results, seconds, cfg, summary)
 
     print("\n" + "=" * 64)

@@ -1,0 +1,214 @@
+"""The models users choose between, side by side in one process on the same images and machine:
+torchvision's Mask R-CNN v2 (no cascade), Detectron2's built-in cascade and ours (mask head on the
+first, the last, or every stage with the mean merge).
+
+    python benchmarks/bench_peers.py [--config r50|demo|FILE] [--iters 5] [--train-iters 3]
+        [--batch 1] [--threads N] [KEY VALUE ...]
+
+Printed per model: inference latency (batch 1, median and IQR over ``--iters`` timed runs after
+one warm-up; the models take turns on each image), training step (forward + backward + SGD step
+with lr 0, so every step does the same work; median over ``--train-iters`` after one warm-up)
+and the peak memory of each (the most the process's RSS rose above its level before the run),
+float32 throughout. Weights are random (seeded; the
+Detectron2 models share theirs), ``SCORE_THRESH_TEST`` 0 and the same detections per image for
+every model (torchvision: ``box_score_thresh`` 0, ``box_detections_per_img``), so each runs its
+mask head on the same number of boxes; torchvision's RPN and ROI sampling take the config's
+values (``PRE/POST_NMS_TOPK_*``, ``BATCH_SIZE_PER_IMAGE``, ``POSITIVE_FRACTION``). Its heads
+are its own: v2's box head has four 3x3 convolutions before its FC layer (Detectron2's R50
+configs: two FC layers), so it costs more per ROI.
+
+MMDetection's Cascade Mask R-CNN is not in the table: ``mmcv`` 2.2.0 (the version MMDetection 3.x
+needs) has no wheel for this torch, and its sdist does not compile against torch >= 2.10's
+headers as published (it asks for C++14/17, torch's headers need C++20); docs/performance.md
+records the build attempt.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import bench_inference as bi  # noqa: E402  (set-up and measuring helpers)
+
+NAMES = {
+    "tv": "torchvision maskrcnn_resnet50_fpn_v2",
+    "a": "Detectron2 cascade (mask on stage 1)",
+    "b": "ours MASK_STAGES first",
+    "l": "ours MASK_STAGES last",
+    "c": "ours MASK_STAGES all + mean",
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="r50", help="r50, demo or a config file")
+    p.add_argument("--iters", type=int, default=5, help="timed inference runs per model")
+    p.add_argument("--train-iters", type=int, default=3, help="timed training steps per model")
+    p.add_argument("--batch", type=int, default=1, help="training batch size")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (our models)")
+    return p.parse_args(argv)
+
+
+def torchvision_model(cfg, h, w):
+    """torchvision's Mask R-CNN v2 with the config's classes, image size, detections and the
+    RPN / ROI sampling settings that both libraries have (proposals kept before and after NMS,
+    sampled anchors and ROIs, positive fraction)."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+
+    rpn, roi = cfg.MODEL.RPN, cfg.MODEL.ROI_HEADS
+    return maskrcnn_resnet50_fpn_v2(
+        rpn_pre_nms_top_n_train=rpn.PRE_NMS_TOPK_TRAIN,
+        rpn_pre_nms_top_n_test=rpn.PRE_NMS_TOPK_TEST,
+        rpn_post_nms_top_n_train=rpn.POST_NMS_TOPK_TRAIN,
+        rpn_post_nms_top_n_test=rpn.POST_NMS_TOPK_TEST,
+        rpn_batch_size_per_image=rpn.BATCH_SIZE_PER_IMAGE,
+        box_batch_size_per_image=roi.BATCH_SIZE_PER_IMAGE,
+        box_positive_fraction=roi.POSITIVE_FRACTION,
+        weights=None,
+        weights_backbone=None,
+        num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1,  # + background
+        min_size=min(h, w),
+        max_size=max(h, w),
+        box_score_thresh=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+        box_detections_per_img=cfg.TEST.DETECTIONS_PER_IMAGE,
+    )
+
+
+def tv_inputs(item, bgr):
+    """torchvision's image (RGB, [0, 1]) and target from a Detectron2 dataset dict."""
+    img = item["image"].flip(0) if bgr else item["image"]
+    inst = item["instances"]
+    target = {
+        "boxes": inst.gt_boxes.tensor,
+        "labels": inst.gt_classes + 1,
+        "masks": inst.gt_masks.tensor.to(torch.uint8),
+    }
+    return img / 255.0, target
+
+
+def timed(fn):
+    bi._trim_heap()
+    with bi.MemoryMonitor("cpu") as mem:
+        start = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - start
+    return out, seconds, mem.peak - mem.base
+
+
+def build(cfg, images, seed):
+    models = bi.build_models(cfg, seed, images[0])
+    last_cfg = bi.variant_cfgs(cfg)["b"].clone()
+    last_cfg.MODEL.CMRCNN.MASK_STAGES = "last"
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(seed)
+    last = build_model(last_cfg)
+    last.load_state_dict(models["b"].state_dict())  # strict: same layers
+    last.eval()
+    h, w = images[0]["image"].shape[-2:]
+    torch.manual_seed(seed)
+    tv = torchvision_model(cfg, h, w).eval()
+    return {"tv": tv, "a": models["a"], "b": models["b"], "l": last, "c": models["c"]}
+
+
+def run(models, images, iters, train_iters, batch, bgr, lr_opts):
+    res = {k: {"lat": [], "ipeak": 0, "train": [], "tpeak": 0} for k in models}
+    with torch.no_grad():
+        for i in range(1 + iters):
+            item = images[i % len(images)]
+            for k, m in models.items():
+                if k == "tv":
+                    out, s, peak = timed(lambda: m([tv_inputs(item, bgr)[0]]))
+                else:
+                    out, s, peak = timed(lambda: m(bi.infer_inputs(item)))
+                if i:
+                    res[k]["lat"].append(s)
+                    res[k]["ipeak"] = max(res[k]["ipeak"], peak)
+    from detectron2.utils.events import EventStorage
+
+    opts = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], **lr_opts)
+            for k, m in models.items()}  # fmt: skip
+    for m in models.values():
+        m.train()
+    try:
+        with EventStorage(0):
+            for i in range(1 + train_iters):
+                items = [images[(i * batch + j) % len(images)] for j in range(batch)]
+                for k, m in models.items():
+
+                    def step(k=k, m=m):
+                        if k == "tv":
+                            imgs, targets = zip(*(tv_inputs(it, bgr) for it in items))
+                            losses = m(list(imgs), list(targets))
+                        else:
+                            losses = m([dict(it) for it in items])
+                        opts[k].zero_grad(set_to_none=True)
+                        sum(losses.values()).backward()
+                        opts[k].step()
+
+                    _, s, peak = timed(step)
+                    if i:
+                        res[k]["train"].append(s)
+                        res[k]["tpeak"] = max(res[k]["tpeak"], peak)
+    finally:
+        for m in models.values():
+            m.eval()
+    return res
+
+
+def iqr(xs):
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ns = bi.parse_args(["--config", args.config, "--seed", str(args.seed)] + list(args.opts))
+    ns.score_thresh = 0.0
+    cfg, path = bi.load_cfg(ns)
+    cfg.SOLVER.AMP.ENABLED = False
+    h, w = bi.image_shape(cfg, cfg.INPUT.MIN_SIZE_TEST)
+    images = bi.make_images(max(2, args.batch), h, w, args.seed, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    models = build(cfg, images, args.seed)
+    import detectron2
+    import torchvision
+
+    print(f"config {os.path.relpath(path, bi.ROOT)} {' '.join(args.opts)}; images {h} x {w}; "
+          f"{cfg.TEST.DETECTIONS_PER_IMAGE} detections per image (score threshold 0); float32")  # fmt: skip
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, detectron2 "
+          f"{detectron2.__version__}; {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+          "load average %.1f" % os.getloadavg()[0])  # fmt: skip
+    lr = {"lr": 0.0, "momentum": 0.9, "weight_decay": 1e-4}
+    res = run(models, images, args.iters, args.train_iters, args.batch,
+              cfg.INPUT.FORMAT == "BGR", lr)  # fmt: skip
+    base_i = statistics.median(res["a"]["lat"])
+    base_t = statistics.median(res["a"]["train"])
+    print(f"\n{'model':40}{'params M':>9}{'infer ms':>10}{'IQR':>17}{'vs D2':>7}{'+MiB':>7}"
+          f"{'train s':>9}{'IQR':>15}{'vs D2':>7}{'+MiB':>7}")  # fmt: skip
+    for k, m in models.items():
+        r = res[k]
+        lat, tr = statistics.median(r["lat"]), statistics.median(r["train"])
+        (l1, l3), (t1, t3) = iqr(r["lat"]), iqr(r["train"])
+        n = sum(p.numel() for p in m.parameters()) / 1e6
+        print(f"{NAMES[k]:40}{n:9.1f}{1000 * lat:10.0f}  {1000 * l1:6.0f} - {1000 * l3:6.0f}"
+              f"{lat / base_i:6.2f}x{r['ipeak'] / 2**20:7.0f}{tr:9.2f}  {t1:5.2f} - {t3:5.2f}"
+              f"{tr / base_t:6.2f}x{r['tpeak'] / 2**20:7.0f}")  # fmt: skip
+    print(f"(inference: batch 1, {args.iters} timed runs; training: batch {args.batch}, "
+          f"{args.train_iters} timed steps; 'vs D2': median / Detectron2's median; +MiB: the "
+          "most the process's RSS rose above its level before a run of the model)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""CPU bfloat16 detection, and the demo's float32 choice on CPUs that would emulate bfloat16."""
+
+import os
+
+import pytest
+
+from cmrcnn_ext.apps import demo
+from cmrcnn_ext.engine import cpu_bf16
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="Linux CPU flags needed")
+def test_native_bf16_agrees_with_the_kernel_cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    assert cpu_bf16.native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_demo_precision_follows_the_cpu_unless_the_user_sets_it(monkeypatch, native):
+    monkeypatch.setattr(demo, "native_bf16", lambda: native)
+    expected = [] if native else ["SOLVER.AMP.ENABLED", "False"]
+    assert demo.precision_opts(demo.DEMO_CONFIG, []) == expected
+    # the user's own choice always stands
+    assert demo.precision_opts(demo.DEMO_CONFIG, ["SOLVER.AMP.ENABLED", "True"]) == []
+    # nothing to change when the run is float32 anyway
+    assert demo.precision_opts(demo.DEMO_CONFIG, ["SOLVER.AMP.ENABLED", "False"]) == []

@@ -1,3 +1,4 @@
+# ruff: noqa: B023, E501  (loop closures are called inside the same iteration)
 """The models users choose between, side by side in one process on the same images and machine:
 torchvision's Mask R-CNN v2 (no cascade), Detectron2's built-in cascade and ours (mask head on the
 first, the last, or every stage with the mean merge).

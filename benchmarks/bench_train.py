@@ -86,16 +86,10 @@ def worker(args):
 
     spec = json.loads(args.worker)
     out = tempfile.mkdtemp(prefix="bench_train_")
-    cl = "BENCH.CHANNELS_LAST" in spec["opts"]
-    if cl:
-        i = spec["opts"].index("BENCH.CHANNELS_LAST")
-        del spec["opts"][i : i + 2]
     cfg = setup_cfg(spec["config"], spec["opts"] + ["OUTPUT_DIR", out])
     seed_all_rng(cfg.SEED if cfg.SEED >= 0 else 0)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
-    if cl:
-        trainer.model.to(memory_format=torch.channels_last)
     inner = getattr(trainer, "_trainer", None) or trainer
     storage = EventStorage(0).__enter__()
     inner.storage = storage

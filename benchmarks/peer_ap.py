@@ -94,7 +94,7 @@ def main(argv=None):
         loss.backward()
         opt.step()
         it += 1
-        if it % 50 == 0 or it <= 3:
+        if it % 50 == 0:
             print(f"[peer_ap] iter {it}, {elapsed:.0f} s, loss {loss.item():.3f}", flush=True)
     seconds = time.perf_counter() - start
 

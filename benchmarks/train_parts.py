@@ -187,7 +187,12 @@ class StepBreakdown:
             with record_function(PREFIX + "optimizer"):
                 return zero(*a, **k)
 
-        tr._data_loader_iter = _Loader()
+        # Detectron2 v0.6 keeps the iterator in ``_data_loader_iter``; main makes that a
+        # read-only property over ``_data_loader_iter_obj``.
+        slot = "_data_loader_iter"
+        if "_data_loader_iter_obj" in vars(tr):
+            slot = "_data_loader_iter_obj"
+        setattr(tr, slot, _Loader())
         optimizer.step, optimizer.zero_grad = timed_step, timed_zero
         try:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -197,7 +202,7 @@ class StepBreakdown:
                         tr.run_step()
                 total = time.perf_counter() - start
         finally:
-            tr._data_loader_iter = loader
+            setattr(tr, slot, loader)
             del optimizer.step, optimizer.zero_grad
         parts = _attribute(prof.events())
         out = {k: 1000.0 * v / 1e6 / steps for k, v in parts.items()}  # us -> ms per step

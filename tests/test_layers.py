@@ -110,20 +110,26 @@ def test_feature_table_shared_without_autograd_and_refreshed():
     assert id(g) not in layers._TABLES
 
 
-def test_adaptive_grid_uses_the_gather_in_inference_only(monkeypatch):
+def test_adaptive_grid_uses_the_gather_in_training_and_inference(monkeypatch):
+    """The adaptive grid (sampling_ratio 0) takes the gather with autograd too; its transposed-
+    gather backward equals torchvision's gradient (float64: to 1e-10) over ROIs of many sizes,
+    i.e. many run-length groups in one backward."""
     from cmrcnn_ext.modeling import roi_align as layers
 
     calls = []
     original = layers.roi_align_gather
     monkeypatch.setattr(layers, "roi_align_gather", lambda *a: calls.append(1) or original(*a))
     mod = FastROIAlign((7, 7), 0.25, 0, True)
-    feat = torch.randn(1, 4, 20, 24)
-    rois = torch.tensor([[0.0, 3.0, 5.0, 60.0, 70.0], [0.0, 1.0, 1.0, 9.0, 12.0]])
+    feat = torch.randn(2, 4, 40, 48, dtype=torch.float64)
+    rois = make_rois(2, 40, 48, 0.25, 60, seed=5).double()
     with torch.no_grad():
         torch.testing.assert_close(mod(feat, rois), roi_align(feat, rois, (7, 7), 0.25, 0, True))
     assert calls == [1]
-    out = mod(feat.requires_grad_(), rois)  # training: torchvision's kernel and its backward
-    assert calls == [1] and out.requires_grad
-    fixed = FastROIAlign((7, 7), 0.25, 2, True)
-    fixed(feat, rois).sum().backward()
-    assert calls == [1, 1]
+    feat.requires_grad_()
+    out = mod(feat, rois)
+    assert calls == [1, 1] and out.requires_grad
+    grad_out = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, feat, grad_out)
+    ref = roi_align(feat, rois, (7, 7), 0.25, 0, True)
+    (want,) = torch.autograd.grad(ref, feat, grad_out)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)

@@ -6,14 +6,15 @@ in each output bin. Every output value is therefore a fixed weighted sum of at m
 computes the sample indices and bilinear weights with the exact rules of torchvision's kernel
 (sample positions, the ``aligned`` half-pixel offset, the adaptive grid of
 ``sampling_ratio=0``, clamping at the borders, zero outside ``[-1, size]``) and applies them with
-``torch.nn.functional.embedding_bag``: a multi-threaded gather-and-sum forward and a
-scatter-add backward, where torchvision's CPU backward is single-threaded. Results equal
+``torch.nn.functional.embedding_bag``: a multi-threaded gather-and-sum forward and, for the
+adaptive grid, a transposed gather as backward (:class:`_WeightedGather`), where torchvision's
+CPU backward is single-threaded. Results equal
 torchvision's up to float rounding (about 1e-6 relative; tested).
 
 Used by :class:`~cmrcnn_ext.modeling.roi_heads.CascadeMaskROIHeads` when
-``MODEL.CMRCNN.FAST_ROI_ALIGN`` is true and the model runs on the CPU: in training and inference
-with a fixed grid, in inference with the adaptive one (``sampling_ratio=0``). Otherwise
-torchvision's kernel is used (on CUDA it is the faster one).
+``MODEL.CMRCNN.FAST_ROI_ALIGN`` is true and the model runs on the CPU, in training and inference,
+with a fixed or the adaptive grid (``sampling_ratio=0``). On CUDA torchvision's kernel is used
+(there it is the faster one).
 """
 
 import weakref
@@ -112,22 +113,90 @@ def _forget_table(key, ref):
         del _TABLES[key]
 
 
-def _gather_bins(table, batch, iy, wy, ix, wx, count, h, w):
-    """(R, ph, pw, C): for each bin, the sum over its (Ly x Lx) feature vectors of table rows,
-    weighted by wy * wx / count; one ``embedding_bag`` call."""
+def _bin_entries(batch, iy, wy, ix, wx, count, h, w):
+    """For each of the R * ph * pw bins, the (Ly * Lx) table rows it sums and their weights
+    wy * wx / count: two (R * ph * pw, Ly * Lx) tensors."""
     r, ph, ly = iy.shape
     pw, lx = ix.shape[1], ix.shape[2]
     idx = (batch[:, None, None, None, None] * h + iy[:, :, None, :, None]) * w + ix[
         :, None, :, None, :
     ]
     weight = wy[:, :, None, :, None] * wx[:, None, :, None, :] / count[:, None, None, None, None]
-    out = F.embedding_bag(
-        idx.reshape(r * ph * pw, ly * lx),
-        table,
-        per_sample_weights=weight.reshape(r * ph * pw, ly * lx),
-        mode="sum",
-    )
+    return idx.reshape(r * ph * pw, ly * lx), weight.reshape(r * ph * pw, ly * lx)
+
+
+def _gather_bins(table, batch, iy, wy, ix, wx, count, h, w):
+    """(R, ph, pw, C): for each bin, the sum over its (Ly x Lx) feature vectors of table rows,
+    weighted by wy * wx / count; one ``embedding_bag`` call."""
+    r, ph, pw = iy.shape[0], iy.shape[1], ix.shape[1]
+    idx, weight = _bin_entries(batch, iy, wy, ix, wx, count, h, w)
+    out = F.embedding_bag(idx, table, per_sample_weights=weight, mode="sum")
     return out.reshape(r, ph, pw, -1)
+
+
+def _gather_bins_trainable(table, batch, iy, wy, ix, wx, count, h, w, sizes, kinds):
+    """:func:`_gather_bins` for the adaptive grid under autograd: the bins of every run-length
+    group in one :class:`_WeightedGather` call (one backward pass over the table instead of one
+    full-size table gradient per group)."""
+    r, ph, pw = iy.shape[0], iy.shape[1], ix.shape[1]
+    lx = ix.shape[2]
+    bins = ph * pw
+    flat_idx, flat_w, lengths, order = [], [], [], []
+    for kind in kinds.tolist():
+        sel = (sizes == kind).nonzero().squeeze(1)
+        sy, sx = divmod(kind, lx + 1)
+        idx, weight = _bin_entries(
+            batch[sel], iy[sel, :, :sy], wy[sel, :, :sy], ix[sel, :, :sx], wx[sel, :, :sx],
+            count[sel], h, w,
+        )  # fmt: skip
+        flat_idx.append(idx.reshape(-1))
+        flat_w.append(weight.reshape(-1))
+        lengths.append(torch.full((idx.shape[0],), idx.shape[1], dtype=torch.long))
+        order.append((sel[:, None] * bins + torch.arange(bins)).reshape(-1))
+    lengths = torch.cat(lengths)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    got = _WeightedGather.apply(
+        table, torch.cat(flat_idx), offsets, lengths, torch.cat(flat_w).detach()
+    )
+    out = got.new_empty((r * bins, got.shape[1]))
+    out = out.index_copy(0, torch.cat(order), got)
+    return out.reshape(r, ph, pw, -1)
+
+
+class _WeightedGather(torch.autograd.Function):
+    """``out[b] = sum of weight[e] * table[idx[e]]`` over the entries ``e`` of bag ``b`` (bags
+    are consecutive runs of ``lengths`` entries), with the transposed gather as backward.
+
+    The gradient of a table row is the weighted sum of the output gradients of the bags that read
+    it. Sorting the (bag, row) entries by row turns that into another ``embedding_bag`` (one bag
+    per row read), which runs in parallel over rows without write conflicts; ``embedding_bag``'s
+    own backward scatter-adds serially. Equal to torchvision's ROIAlign gradient up to float
+    rounding (the sums run in another order; ``tests/test_layers.py``). The weights depend on
+    the ROIs only, which Detectron2 detaches: they get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, table, idx, offsets, lengths, weight):
+        ctx.save_for_backward(idx, lengths, weight)
+        ctx.rows = table.shape[0]
+        return F.embedding_bag(idx, table, offsets, per_sample_weights=weight, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, lengths, weight = ctx.saved_tensors
+        order = torch.argsort(idx)
+        rows, counts = torch.unique_consecutive(idx[order], return_counts=True)
+        bag = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        per_row = F.embedding_bag(
+            bag[order],
+            grad.contiguous(),
+            torch.cumsum(counts, 0) - counts,
+            per_sample_weights=weight[order].to(grad.dtype),
+            mode="sum",
+        )
+        out = grad.new_zeros((ctx.rows, grad.shape[1]))
+        out[rows] = per_row
+        return out, None, None, None, None
 
 
 def roi_align_gather(features, rois, output_size, spatial_scale, sampling_ratio, aligned):
@@ -183,7 +252,9 @@ def roi_align_gather(features, rois, output_size, spatial_scale, sampling_ratio,
     # longest, small ROIs would read mostly zero-weight entries; grouped by run lengths, each
     # group reads only its own.
     needed = int((span_y * span_x).sum())
-    if len(kinds) == 1 or needed > 0.6 * r * ly * lx:
+    if sampling_ratio <= 0 and table.requires_grad and torch.is_grad_enabled():
+        out = _gather_bins_trainable(table, batch, iy, wy, ix, wx, count, h, w, sizes, kinds)
+    elif len(kinds) == 1 or needed > 0.6 * r * ly * lx:
         out = _gather_bins(table, batch, iy, wy, ix, wx, count, h, w)
     else:
         out = features.new_empty((r, ph, pw, c))
@@ -230,13 +301,8 @@ class FastROIAlign(nn.Module):
 
     def forward(self, input, rois):
         # On the CPU the gather is faster than torchvision's serial kernel in both directions
-        # (docs/performance.md). Training with the adaptive grid stays on torchvision's kernel:
-        # there the gather's per-call feature table (not shared while autograd records) and its
-        # backward made an R50-FPN training step slower.
-        adaptive_backward = (
-            self.sampling_ratio <= 0 and torch.is_grad_enabled() and input.requires_grad
-        )
-        if input.is_cuda or adaptive_backward or torch.jit.is_scripting() or torch.jit.is_tracing():
+        # (docs/performance.md); on CUDA torchvision's kernel is the faster one.
+        if input.is_cuda or torch.jit.is_scripting() or torch.jit.is_tracing():
             return roi_align(
                 input,
                 rois.to(input.dtype),

@@ -134,6 +134,14 @@ def _gather_bins(table, batch, iy, wy, ix, wx, count, h, w):
     return out.reshape(r, ph, pw, -1)
 
 
+def _run_length_groups(sizes, kinds, lx):
+    """For each run-length group (``sizes == kind``, ``kind = Ly * (lx + 1) + Lx``): its ROIs'
+    indices and its run lengths Ly and Lx."""
+    for kind in kinds.tolist():
+        sy, sx = divmod(kind, lx + 1)
+        yield (sizes == kind).nonzero().squeeze(1), sy, sx
+
+
 def _gather_bins_trainable(table, batch, iy, wy, ix, wx, count, h, w, sizes, kinds):
     """:func:`_gather_bins` for the adaptive grid under autograd: the bins of every run-length
     group in one :class:`_WeightedGather` call (one backward pass over the table instead of one
@@ -142,9 +150,7 @@ def _gather_bins_trainable(table, batch, iy, wy, ix, wx, count, h, w, sizes, kin
     lx = ix.shape[2]
     bins = ph * pw
     flat_idx, flat_w, lengths, order = [], [], [], []
-    for kind in kinds.tolist():
-        sel = (sizes == kind).nonzero().squeeze(1)
-        sy, sx = divmod(kind, lx + 1)
+    for sel, sy, sx in _run_length_groups(sizes, kinds, lx):
         idx, weight = _bin_entries(
             batch[sel], iy[sel, :, :sy], wy[sel, :, :sy], ix[sel, :, :sx], wx[sel, :, :sx],
             count[sel], h, w,
@@ -258,9 +264,7 @@ def roi_align_gather(features, rois, output_size, spatial_scale, sampling_ratio,
         out = _gather_bins(table, batch, iy, wy, ix, wx, count, h, w)
     else:
         out = features.new_empty((r, ph, pw, c))
-        for kind in kinds.tolist():
-            sel = (sizes == kind).nonzero().squeeze(1)
-            sy, sx = divmod(kind, lx + 1)
+        for sel, sy, sx in _run_length_groups(sizes, kinds, lx):
             out[sel] = _gather_bins(
                 table,
                 batch[sel],

@@ -20,6 +20,7 @@ setup(
             "cmrcnn-predict = cmrcnn_ext.apps.predict:cli",
             "cmrcnn-export = cmrcnn_ext.apps.export:cli",
             "cmrcnn-tune = cmrcnn_ext.apps.tune:cli",
+            "cmrcnn-analyze = cmrcnn_ext.apps.analyze:cli",
         ]
     },
     python_requires=">=3.9",

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Ablation on the CPU demo setup: where the mask head sits, vs Detectron2's built-ins.
 
-    python benchmarks/ablation.py [--only NAME ...] [--iters N] [--output output/ablation] \\
-        [KEY VALUE ...]
-    python benchmarks/ablation.py --report          # table from the variants already trained
+    python benchmarks/ablation.py [--only NAME ...] [--seeds N ...] [--iters N] \\
+        [--output output/ablation] [KEY VALUE ...]
+    python benchmarks/ablation.py --seeds 0 1 2 --report   # table from the runs already trained
 
 Trains the demo config (same seed, data and iterations) with:
 
@@ -12,9 +12,12 @@ Trains the demo config (same seed, data and iterations) with:
 - Detectron2's built-in ``CascadeROIHeads``;
 - plain Mask R-CNN (Detectron2's ``StandardROIHeads``, class-agnostic boxes as in the cascade);
 
-and prints one Markdown table: box AP, mask AP, train s/iter, inference s/image. Each variant's
-rows are saved in ``<output>/<variant>/ablation_rows.json`` as soon as it finishes, so variants
-can be trained in separate processes (``--only``) and collected with ``--report``. By default
+and prints one Markdown table: box AP, mask AP, train s/iter, inference s/image. With
+``--seeds``, every variant is trained once per seed (``SEED`` set, as the demo does) and the
+table gives the mean over the seeds, the spread (max - min) and each seed's value. Each
+variant's rows are saved in ``<output>/seed<N>/<variant>/ablation_rows.json`` as soon as it
+finishes, so variants and seeds can be trained in separate processes (``--only``, ``--seeds``)
+and collected with ``--report``. By default
 the demo's own iterations and LR steps are used; ``--iters N`` scales the steps with N.
 Inference s/image is the time of ``Trainer.test`` (inference + COCO evaluation) over the
 held-out images, divided by their number.
@@ -73,9 +76,13 @@ def _slug(name):
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def run_variant(name, overrides, merges, args):
-    out = os.path.join(args.output, _slug(name))
-    opts = list(args.opts) + overrides + ["OUTPUT_DIR", out]
+def _variant_dir(output, seed, name):
+    return os.path.join(output, f"seed{seed}", _slug(name))
+
+
+def run_variant(name, overrides, merges, seed, args):
+    out = _variant_dir(args.output, seed, name)
+    opts = list(args.opts) + overrides + ["SEED", seed, "OUTPUT_DIR", out]
     if args.iters:  # keep the demo's LR schedule shape
         opts += [
             "SOLVER.MAX_ITER",
@@ -105,17 +112,58 @@ def run_variant(name, overrides, merges, args):
     return rows
 
 
-def collect(output):
-    """Rows saved by finished variants, in VARIANTS order, and their iteration counts."""
-    rows, iters = [], set()
+def collect(output, seeds):
+    """Rows saved by finished runs, in VARIANTS order, and their iteration counts.
+
+    Returns:
+        ({row name: {seed: (box AP, mask AP, s/iter, s/image)}}, set of iteration counts).
+    """
+    rows, iters = {}, set()
     for name, _, _ in VARIANTS:
-        path = os.path.join(output, _slug(name), "ablation_rows.json")
-        if os.path.exists(path):
+        for seed in seeds:
+            path = os.path.join(_variant_dir(output, seed, name), "ablation_rows.json")
+            if not os.path.exists(path):
+                continue
             with open(path) as f:
                 saved = json.load(f)
-            rows.extend(saved["rows"])
             iters.add(saved["iters"])
+            for full, box, mask, s_iter, s_img in saved["rows"]:
+                rows.setdefault(full, {})[seed] = (box, mask, s_iter, s_img)
     return rows, iters
+
+
+def _selected(name, only):
+    """``--only`` entries select a variant by exact name, or else by substring."""
+    if not only:
+        return True
+    return (
+        name in only
+        or not any(o in {n for n, _, _ in VARIANTS} for o in only)
+        and any(o in name for o in only)
+    )
+
+
+def table(rows, seeds):
+    """Markdown table: mean, spread (max - min) and per-seed values of each row."""
+    out = [
+        "| variant | seeds | box AP mean (spread) | mask AP mean (spread) | box AP per seed "
+        "| mask AP per seed | train s/iter | inference s/image |",
+        "|---|---:|---:|---:|---|---|---:|---:|",
+    ]
+    for name, by_seed in rows.items():
+        got = [s for s in seeds if s in by_seed]
+        box = [by_seed[s][0] for s in got]
+        mask = [by_seed[s][1] for s in got]
+        s_iter = sum(by_seed[s][2] for s in got) / len(got)
+        s_img = sum(by_seed[s][3] for s in got) / len(got)
+        out.append(
+            f"| {name} | {', '.join(map(str, got))} "
+            f"| {sum(box) / len(box):.1f} ({max(box) - min(box):.1f}) "
+            f"| {sum(mask) / len(mask):.1f} ({max(mask) - min(mask):.1f}) "
+            f"| {' / '.join(f'{v:.1f}' for v in box)} | {' / '.join(f'{v:.1f}' for v in mask)} "
+            f"| {s_iter:.2f} | {s_img:.3f} |"
+        )
+    return "\n".join(out)
 
 
 def main(argv=None):
@@ -123,26 +171,27 @@ def main(argv=None):
     parser.add_argument("--config-file", default=DEMO_CONFIG)
     parser.add_argument("--iters", type=int, default=0, help="0: the config's MAX_ITER and STEPS")
     parser.add_argument("--output", default="output/ablation")
-    parser.add_argument("--only", nargs="*", help="substrings of variant names to run")
+    parser.add_argument(
+        "--only", nargs="*", help="variant names (exact), or else substrings of names, to run"
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="SEED values")
     parser.add_argument("--report", action="store_true", help="only print the saved results")
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     setup_logger(name="cmrcnn_ext")
     if not args.report:
-        for name, overrides, merges in VARIANTS:
-            if args.only and not any(s in name for s in args.only):
-                continue
-            print(f"[ablation] {name}", flush=True)
-            run_variant(name, overrides, merges, args)
-    rows, iters = collect(args.output)
+        for seed in args.seeds:
+            for name, overrides, merges in VARIANTS:
+                if _selected(name, args.only):
+                    print(f"[ablation] {name}, SEED {seed}", flush=True)
+                    run_variant(name, overrides, merges, seed, args)
+    rows, iters = collect(args.output, args.seeds)
     if not rows:
         raise SystemExit(f"no finished variant under {args.output}: run without --report first")
     its = ", ".join(str(i) for i in sorted(iters))
-    print(f"\nDemo config, {its} iterations, seed 0, held-out split (COCO AP@[.5:.95])\n")
-    print("| variant | box AP | mask AP | train s/iter | inference s/image |")
-    print("|---|---:|---:|---:|---:|")
-    for name, box, mask, s_iter, s_img in rows:
-        print(f"| {name} | {box:.1f} | {mask:.1f} | {s_iter:.2f} | {s_img:.3f} |")
+    seeds = ", ".join(map(str, args.seeds))
+    print(f"\nDemo config, {its} iterations, SEED {seeds}, held-out split (COCO AP@[.5:.95])\n")
+    print(table(rows, args.seeds))
 
 
 if __name__ == "__main__":

@@ -199,3 +199,31 @@ def test_traced_on_cuda_matches_eager(mode):
         assert out[0].is_cuda
         res = compare_outputs(tuple(t.cpu() for t in ref), tuple(t.cpu() for t in out))
         assert res["ok"], res
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_stage_outputs_on_cuda_match_the_cpu(mode):
+    """The stage recorder on CUDA: every stage's boxes and probabilities, and every mask head's
+    probabilities, as on the CPU (the stage report's inputs; tests/test_stage_report.py)."""
+    from cmrcnn_ext.modeling import record_stage_outputs
+
+    batch = make_batch(num_images=2, seed=5, with_gt=False)
+    recorded = {}
+    for device in ("cpu", "cuda"):
+        model = build_on(device, *MODES[mode]).eval()
+        with torch.no_grad(), record_stage_outputs(model) as rec:
+            model(to_cuda(batch) if device == "cuda" else copy.deepcopy(batch))
+        recorded[device] = rec.images
+    for cpu, gpu in zip(recorded["cpu"], recorded["cuda"]):
+        for k in range(3):
+            torch.testing.assert_close(
+                gpu.stage_boxes[k].cpu(), cpu.stage_boxes[k], atol=1e-3, rtol=1e-4
+            )
+            torch.testing.assert_close(
+                gpu.stage_probs[k].cpu(), cpu.stage_probs[k], atol=1e-4, rtol=1e-4
+            )
+        assert sorted(gpu.mask_probs) == sorted(cpu.mask_probs)
+        for s in cpu.mask_probs:
+            torch.testing.assert_close(
+                gpu.mask_probs[s].cpu(), cpu.mask_probs[s], atol=1e-4, rtol=1e-4
+            )

@@ -39,7 +39,7 @@ import time
 from cmrcnn_ext.engine import Trainer
 from cmrcnn_ext.engine.cli import add_debug_argument, run
 from cmrcnn_ext.engine.determinism import enable_determinism
-from cmrcnn_ext.engine.launch import launch
+from cmrcnn_ext.engine.launch import launch_with_args
 from cmrcnn_ext.engine.report import write_results
 from cmrcnn_ext.engine.runs import check_eval_weights
 from cmrcnn_ext.engine.setup import setup
@@ -107,22 +107,11 @@ def get_parser():
     return add_debug_argument(parser)
 
 
-def launch_main(args):
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
-
-
 def cli():
     """Console script ``cmrcnn-train`` (and ``python train_net.py``)."""
     args = get_parser().parse_args()
     print("Command Line Args:", args)
-    run(launch_main, args)
+    run(launch_with_args, main, args)
 
 
 if __name__ == "__main__":

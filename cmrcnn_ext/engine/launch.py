@@ -30,7 +30,13 @@ from detectron2.utils import comm
 
 from cmrcnn_ext import compat
 
-__all__ = ["DEFAULT_TIMEOUT", "TORCHRUN_ENV_VARS", "launch", "started_by_torchrun"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "TORCHRUN_ENV_VARS",
+    "launch",
+    "launch_with_args",
+    "started_by_torchrun",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +141,20 @@ def launch(
         daemon=False,
     )
     return None
+
+
+def launch_with_args(main_func, args):
+    """:func:`launch` ``main_func(args)`` with the process options of a command line parsed by
+    Detectron2's ``default_argument_parser`` (``--num-gpus``, ``--num-machines``,
+    ``--machine-rank``, ``--dist-url``)."""
+    return launch(
+        main_func,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
 
 
 def _find_free_port():

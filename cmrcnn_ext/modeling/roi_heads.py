@@ -112,6 +112,9 @@ class CascadeMaskROIHeads(CascadeROIHeads):
         # gt_masks), filled by _forward_box (stage 0) and _match_and_label_boxes (later stages)
         # during a training forward and read by _mask_losses; None outside of it.
         self._stage_inputs: Optional[Dict[int, List[Instances]]] = None
+        # Set only inside cmrcnn_ext.modeling.stage_outputs.record_stage_outputs: receives every
+        # stage's test-time outputs; None otherwise (then nothing extra runs).
+        self._stage_recorder = None
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -176,6 +179,12 @@ class CascadeMaskROIHeads(CascadeROIHeads):
         with cascade_final_nms(fast_rcnn_inference_prefix):
             return super()._forward_box(features, proposals, targets)
 
+    def _run_stage(self, features, proposals, stage):
+        predictions = super()._run_stage(features, proposals, stage)
+        if self._stage_recorder is not None and not self.training:
+            self._stage_recorder.add_stage(self.box_predictor[stage], stage, proposals, predictions)
+        return predictions
+
     @torch.no_grad()
     def _match_and_label_boxes(self, proposals, stage, targets):
         """Detectron2's labelling of stage ``stage``'s input boxes; for a stage whose mask head
@@ -208,6 +217,8 @@ class CascadeMaskROIHeads(CascadeROIHeads):
         heads = self._mask_heads()
         if self.training:
             return self._mask_losses(features, instances, heads)
+        if self._stage_recorder is not None:
+            self._stage_recorder.add_masks(self, features, instances)
         used = heads[-1:] if len(heads) == 1 or self.test_mask_merge == "last" else heads
         if _shares_mask_rows(used, instances):
             return self._forward_mask_unique_boxes(features, instances, used)

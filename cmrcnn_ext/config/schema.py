@@ -91,6 +91,14 @@ KEYS: Tuple[Key, ...] = (
         "Detectron2's parameter groups, LR schedule and gradient clipping either way."),
     Key("SOLVER.CMRCNN.BETAS", [0.9, 0.999], ListOf(Number(0, 1, high_open=True), length=2),
         "AdamW's (beta1, beta2); ignored by SGD."),
+    # --- long runs (cmrcnn_ext.engine.preemption, cmrcnn_ext.engine.checkpoint)
+    Key("SOLVER.CMRCNN.STOP_SIGNALS", ["SIGTERM", "SIGUSR1"],
+        ListOf(OneOf("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT")),
+        "Signals on which training finishes the current iteration, saves a checkpoint and exits "
+        "with code 75 (pre-emption; continue with --resume); [] keeps Python's default handling."),
+    Key("SOLVER.CMRCNN.KEEP_CHECKPOINTS", 3, Number(0, integer=True),
+        "How many periodic checkpoints (model_<iter>.pth) to keep, newest first; --resume falls "
+        "back to an older one when the newest is damaged. 0 keeps all (Detectron2's behaviour)."),
     # --- evaluation (cmrcnn_ext.evaluation.coco.build_coco_evaluator)
     Key("TEST.CMRCNN.EVALUATOR", "faster", OneOf("faster", "pycocotools"),
         "COCO box/mask evaluator: faster-coco-eval (the same AP as pycocotools, faster) or "

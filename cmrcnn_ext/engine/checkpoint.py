@@ -42,6 +42,12 @@ from cmrcnn_ext.engine.checkpoint_files import (
     accepted,
     first_line,
 )
+from cmrcnn_ext.engine.checkpoint_rotation import (
+    disk_full_error,
+    prune_checkpoints,
+    resume_from_intact,
+    tensor_bytes,
+)
 from cmrcnn_ext.engine.torchvision_weights import (
     convert_torchvision_resnet,
     is_torchvision_resnet,
@@ -106,6 +112,8 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
             its shape: a checkpoint that does not fit the config (other classes, another
             architecture, an ImageNet backbone) raises :class:`CheckpointError` instead of
             leaving layers at their random initialisation, as fine-tuning may.
+        keep_checkpoints (int): after each save, keep only the newest this many periodic
+            checkpoints in ``save_dir`` (0: all; ``SOLVER.CMRCNN.KEEP_CHECKPOINTS``).
     """
 
     def __init__(
@@ -116,11 +124,13 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
         save_to_disk=None,
         allow_pickle=True,
         for_inference=False,
+        keep_checkpoints=0,
         **checkpointables,
     ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.allow_pickle = allow_pickle
         self.for_inference = for_inference
+        self.keep_checkpoints = int(keep_checkpoints)
         self._source = ""  # what the user asked for (path or URL) during a load
         self._from_url = False
         self._heuristics = False  # "?matching_heuristics=True" given with the path
@@ -162,6 +172,15 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
             # A failed load leaves the checkpointer ready for the next one.
             self._source, self._from_url, self._heuristics = "", False, False
             reset_checkpointer_after_load(self)
+
+    def resume_or_load(self, path, *, resume=True):
+        """fvcore's ``resume_or_load``; when resuming, from the newest *intact* checkpoint of
+        ``save_dir`` (:func:`~cmrcnn_ext.engine.checkpoint_rotation.resume_from_intact`)."""
+        if resume:
+            loaded = resume_from_intact(self)
+            if loaded is not None:
+                return loaded
+        return super().resume_or_load(path, resume=False)
 
     def _load_file(self, filename):
         reader = CheckpointReader(self.allow_pickle, self._from_url)
@@ -323,8 +342,15 @@ class CMRCNNCheckpointer(DetectionCheckpointer):
         self.logger.info("Saving checkpoint to {}".format(save_file))
         os.makedirs(self.save_dir, exist_ok=True)
         self._remove_stale_temp_files()
-        atomic_write(save_file, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
+        try:
+            atomic_write(save_file, lambda f: torch.save(data, f))
+            self.tag_last_checkpoint(basename)
+        except OSError as e:
+            error = disk_full_error(save_file, tensor_bytes(data), e)
+            if error is None:
+                raise
+            raise error from None
+        prune_checkpoints(self.save_dir, self.keep_checkpoints, self.logger)
 
     def _remove_stale_temp_files(self) -> None:
         """Remove temporary files left in save_dir by a process killed while saving."""

@@ -5,7 +5,9 @@ runs its ``main`` through :func:`run`: an error of the project's own kind
 (:class:`~cmrcnn_ext.errors.UserError`: bad config values or files, data files, checkpoints,
 arguments) prints ``error: <message>`` to stderr and exits with code 2, the code of a usage
 error. ``--debug`` on the command line, or ``CMRCNN_DEBUG=1``, shows the full traceback instead.
-Other exceptions (bugs) always show their traceback.
+Other exceptions (bugs) always show their traceback. A training run stopped by a signal
+(:class:`~cmrcnn_ext.engine.preemption.Preempted`) prints where it stopped and exits with code
+75.
 """
 
 import os
@@ -45,8 +47,13 @@ def run(main, *args, argv=None):
     """
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    from cmrcnn_ext.engine.preemption import EXIT_PREEMPTED, Preempted
+
     try:
         return main(*args)
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except UserError as e:
         if debug:
             raise

@@ -16,11 +16,21 @@
 
 Detectron2 v0.6's own ``launch`` asserts CUDA and always uses NCCL, so it cannot start CPU
 workers; and neither v0.6 nor the main branch starts workers under torchrun.
+
+Pre-emption (:mod:`cmrcnn_ext.engine.preemption`): where workers are spawned (2 and 3), a stop
+signal (SIGTERM, SIGUSR1, SIGUSR2) that reaches only this launching process is passed on to the
+workers, and workers that stopped on one exit with code 75, which this process turns into
+:class:`~cmrcnn_ext.engine.preemption.Preempted` (``train_net.py`` then exits with 75 too).
 """
 
+import contextlib
 import logging
+import multiprocessing
 import os
+import signal
 import socket
+import sys
+import threading
 from datetime import timedelta
 
 import torch
@@ -29,6 +39,7 @@ import torch.multiprocessing as mp
 from detectron2.utils import comm
 
 from cmrcnn_ext import compat
+from cmrcnn_ext.engine.preemption import EXIT_PREEMPTED, Preempted
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -90,13 +101,38 @@ def launch(
         )
 
     world_size = num_machines * num_gpus_per_machine
+    if world_size == 1:  # what Detectron2's launch does for one process, too
+        return main_func(*args)
+    with _stop_signals_to_workers():
+        try:
+            return _launch_workers(
+                main_func,
+                num_gpus_per_machine,
+                num_machines,
+                machine_rank,
+                dist_url,
+                args,
+                timeout,
+                backend,
+            )
+        except mp.ProcessExitedException as e:
+            if e.exit_code == EXIT_PREEMPTED:
+                raise Preempted() from None
+            raise
+
+
+def _launch_workers(
+    main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout, backend
+):
+    """Ways 2 and 3 of :func:`launch` (Detectron2's launcher with CUDA, gloo CPU workers)."""
+    world_size = num_machines * num_gpus_per_machine
     if torch.cuda.is_available() and backend in (None, "nccl"):
         from detectron2.engine import launch as d2_launch
 
         if world_size > 1 and dist_url is None:
             dist_url = "auto"
         return d2_launch(
-            main_func,
+            _ExitOnPreempted(main_func),
             num_gpus_per_machine,
             num_machines=num_machines,
             machine_rank=machine_rank,
@@ -104,8 +140,6 @@ def launch(
             args=args,
             timeout=timeout,
         )
-    if world_size == 1:
-        return main_func(*args)
 
     if dist_url in (None, "auto"):
         if num_machines > 1:
@@ -141,6 +175,46 @@ def launch(
         daemon=False,
     )
     return None
+
+
+class _ExitOnPreempted:
+    """``main_func`` for a spawned worker: a pre-empted run exits with :data:`EXIT_PREEMPTED`
+    (after leaving the process group), which the launching process recognises."""
+
+    def __init__(self, main_func):
+        self.main_func = main_func
+
+    def __call__(self, *args):
+        try:
+            return self.main_func(*args)
+        except Preempted:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            sys.exit(EXIT_PREEMPTED)
+
+
+@contextlib.contextmanager
+def _stop_signals_to_workers(signals=("SIGTERM", "SIGUSR1", "SIGUSR2")):
+    """While workers run, pass stop signals received by this process on to them (a scheduler
+    may signal only the process it started); each worker's own handling then applies."""
+
+    def forward(signum, frame):
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, signum)
+            except OSError:  # already gone
+                pass
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in signals:
+            sig = getattr(signal, name)
+            previous[sig] = signal.signal(sig, forward)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def launch_with_args(main_func, args):
@@ -191,7 +265,7 @@ def _spawned_worker(
         logger.error("Could not join the process group at %s (rank %d).", dist_url, global_rank)
         raise
     _after_init(num_per_machine, local_rank, backend)
-    main_func(*args)
+    _ExitOnPreempted(main_func)(*args)
     _shut_down()
 
 

@@ -14,6 +14,7 @@ from cmrcnn_ext.config.validate import check_values
 from cmrcnn_ext.engine.checkpoint import CMRCNNCheckpointer
 from cmrcnn_ext.engine.cpu_bf16 import native_bf16
 from cmrcnn_ext.engine.nonfinite import NonFiniteLossGuard
+from cmrcnn_ext.engine.preemption import PreemptionHook
 from cmrcnn_ext.engine.report import DataSummaryHook, RunReportHook
 from cmrcnn_ext.engine.resume import build_resumable_train_loader
 from cmrcnn_ext.engine.rng import RNGStateHook
@@ -180,6 +181,8 @@ class Trainer(DefaultTrainer):
           iteration, on every process), :class:`~cmrcnn_ext.engine.rng.RNGStateHook` (exact
           resume) and :class:`~cmrcnn_ext.engine.report.DataSummaryHook` (the data check's
           summary when training starts);
+        - :class:`~cmrcnn_ext.engine.preemption.PreemptionHook` (``SOLVER.CMRCNN.STOP_SIGNALS``:
+          checkpoint and exit code 75 on SIGTERM / SIGUSR1) after Detectron2's checkpointer;
         - with ``TEST.AUG.ENABLED``, an evaluation with test-time augmentation after the last
           iteration (:meth:`test_with_TTA`), before the writers, so ``metrics.json`` has it;
         - last :class:`~cmrcnn_ext.engine.report.RunReportHook` (``results.json`` and
@@ -188,10 +191,22 @@ class Trainer(DefaultTrainer):
         # DefaultTrainer.__init__ has just created self.checkpointer and builds the hooks next:
         # swap in CMRCNNCheckpointer (more weight layouts, atomic saves) with DefaultTrainer's
         # arguments and checkpointables, before PeriodicCheckpointer takes it.
+        solver = self.cfg.SOLVER.CMRCNN
         self.checkpointer = CMRCNNCheckpointer(
-            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            self.model,
+            self.cfg.OUTPUT_DIR,
+            keep_checkpoints=solver.KEEP_CHECKPOINTS,
+            trainer=weakref.proxy(self),
         )
         hooks = super().build_hooks()
+        # Pre-emption: after the LR scheduler and the periodic checkpointer have handled the
+        # step (its checkpoint is then what an uninterrupted run has), before any evaluation.
+        later = [
+            i
+            for i, h in enumerate(hooks)
+            if isinstance(h, (d2_hooks.EvalHook, d2_hooks.PeriodicWriter))
+        ]
+        hooks.insert(later[0] if later else len(hooks), PreemptionHook(solver.STOP_SIGNALS))
         if self.cfg.TEST.AUG.ENABLED:
             tta = d2_hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model))
             writers = [i for i, h in enumerate(hooks) if isinstance(h, d2_hooks.PeriodicWriter)]

@@ -114,13 +114,74 @@ def test_ddp_ranks_stop_at_the_same_iteration_on_a_signal_to_the_launcher(tmp_pa
     assert len(stops) == 2 and stops[0] == stops[1], stops  # both ranks, the same iteration
     k = int(stops[0])
     assert open(os.path.join(out, "last_checkpoint")).read() == f"model_{k:07d}.pth"
-    cmd = _cmd(data_root, json_file, out, resume=True)
+    _resume_two_processes(data_root, json_file, out, tmp_path)
+
+
+def test_a_dead_rank_stops_the_others_with_its_name_and_resume_continues(tmp_path):
+    data_root = str(tmp_path / "data")
+    json_file = _make_data(data_root)
+    out = str(tmp_path / "dead")
+    extra = ["--num-gpus", "2"]
+    cmd = _cmd(data_root, json_file, out, extra=["SOLVER.CHECKPOINT_PERIOD", 2])
+    cmd = cmd[:3] + extra + cmd[3:]
+    log_path = tmp_path / "dead.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        tag = os.path.join(out, "last_checkpoint")
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not os.path.isfile(tag):
+            time.sleep(0.05)
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        workers = _spawned_workers(proc.pid)
+        assert len(workers) == 2, workers
+        killed_at = time.time()
+        os.kill(workers[1], signal.SIGKILL)  # rank 1
+        proc.wait(120)
+        stopped_after = time.time() - killed_at
+    finally:
+        proc.kill()
+        proc.wait()
+    text = log_path.read_text()
+    assert proc.returncode == 1, text[-3000:]
+    assert "training process of rank 1" in text and "SIGKILL" in text, text[-3000:]
+    assert "--resume" in text
+    assert stopped_after < 60, stopped_after  # bounded: no wait for the collective timeout
+    assert not any(_alive(pid) for pid in workers)
+    _resume_two_processes(data_root, json_file, out, tmp_path, ["SOLVER.CHECKPOINT_PERIOD", 2])
+
+
+def _resume_two_processes(data_root, json_file, out, tmp_path, opts=()):
+    """``--resume`` with 2 CPU processes runs to the end (model_final.pth)."""
+    cmd = _cmd(data_root, json_file, out, resume=True, extra=opts)
     done = subprocess.run(
-        cmd[:3] + extra + cmd[3:], cwd=ROOT, env=_env(tmp_path), capture_output=True,
-        text=True, timeout=400,
+        cmd[:3] + ["--num-gpus", "2"] + cmd[3:], cwd=ROOT, env=_env(tmp_path),
+        capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
+
+
+def _spawned_workers(parent):
+    """PIDs of the worker processes torch.multiprocessing spawned under ``parent``."""
+    children = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True)
+    pids = []
+    for pid in map(int, children.stdout.split()):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                pids.append(pid)
+    return sorted(pids)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
 
 
 # ------------------------------------------------------------------------------ units

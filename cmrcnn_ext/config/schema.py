@@ -96,6 +96,10 @@ KEYS: Tuple[Key, ...] = (
         ListOf(OneOf("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT")),
         "Signals on which training finishes the current iteration, saves a checkpoint and exits "
         "with code 75 (pre-emption; continue with --resume); [] keeps Python's default handling."),
+    Key("SOLVER.CMRCNN.COLLECTIVE_TIMEOUT", 30.0, Number(0, low_open=True),
+        "Minutes the processes of a multi-process run wait in a collective for one that stopped "
+        "answering (a dead node) before they stop with an error; keep it above the longest "
+        "evaluation (the other ranks wait while rank 0 computes COCO AP)."),
     Key("SOLVER.CMRCNN.KEEP_CHECKPOINTS", 3, Number(0, integer=True),
         "How many periodic checkpoints (model_<iter>.pth) to keep, newest first; --resume falls "
         "back to an older one when the newest is damaged. 0 keeps all (Detectron2's behaviour)."),

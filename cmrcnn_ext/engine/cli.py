@@ -7,7 +7,8 @@ arguments) prints ``error: <message>`` to stderr and exits with code 2, the code
 error. ``--debug`` on the command line, or ``CMRCNN_DEBUG=1``, shows the full traceback instead.
 Other exceptions (bugs) always show their traceback. A training run stopped by a signal
 (:class:`~cmrcnn_ext.engine.preemption.Preempted`) prints where it stopped and exits with code
-75.
+75; one whose launcher lost a process (:class:`~cmrcnn_ext.engine.launch.LostProcessError`)
+names the rank and exits with code 1.
 """
 
 import os
@@ -47,6 +48,7 @@ def run(main, *args, argv=None):
     """
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    from cmrcnn_ext.engine.launch import LostProcessError
     from cmrcnn_ext.engine.preemption import EXIT_PREEMPTED, Preempted
 
     try:
@@ -54,6 +56,9 @@ def run(main, *args, argv=None):
     except Preempted as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
+    except LostProcessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except UserError as e:
         if debug:
             raise

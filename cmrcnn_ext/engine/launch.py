@@ -43,6 +43,7 @@ from cmrcnn_ext.engine.preemption import EXIT_PREEMPTED, Preempted
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "LostProcessError",
     "TORCHRUN_ENV_VARS",
     "launch",
     "launch_with_args",
@@ -118,7 +119,13 @@ def launch(
         except mp.ProcessExitedException as e:
             if e.exit_code == EXIT_PREEMPTED:
                 raise Preempted() from None
-            raise
+            rank = machine_rank * num_gpus_per_machine + e.error_index
+            raise LostProcessError(
+                f"training process of rank {rank} (pid {e.error_pid}) died: "
+                f"{e.signal_name or f'exit code {e.exit_code}'}; the other processes of this "
+                "machine were stopped. Continue with the same command plus --resume (from the "
+                "checkpoint last_checkpoint names)."
+            ) from None
 
 
 def _launch_workers(
@@ -177,6 +184,11 @@ def _launch_workers(
     return None
 
 
+class LostProcessError(RuntimeError):
+    """A training process died (killed, out of memory, crashed in native code) and the launcher
+    stopped the others; ``train_net.py`` prints the message and exits with code 1."""
+
+
 class _ExitOnPreempted:
     """``main_func`` for a spawned worker: a pre-empted run exits with :data:`EXIT_PREEMPTED`
     (after leaving the process group), which the launching process recognises."""
@@ -220,7 +232,22 @@ def _stop_signals_to_workers(signals=("SIGTERM", "SIGUSR1", "SIGUSR2")):
 def launch_with_args(main_func, args):
     """:func:`launch` ``main_func(args)`` with the process options of a command line parsed by
     Detectron2's ``default_argument_parser`` (``--num-gpus``, ``--num-machines``,
-    ``--machine-rank``, ``--dist-url``)."""
+    ``--machine-rank``, ``--dist-url``) and the collective timeout of its config
+    (``SOLVER.CMRCNN.COLLECTIVE_TIMEOUT`` minutes: how long the processes wait for one that
+    stopped answering before they stop too)."""
+    timeout = DEFAULT_TIMEOUT
+    if getattr(args, "config_file", None) and (
+        started_by_torchrun() or args.num_gpus * args.num_machines > 1
+    ):
+        from cmrcnn_ext.config.setup import load_config
+        from cmrcnn_ext.config.validate import check_values
+        from cmrcnn_ext.engine.setup import command_line_opts
+
+        minutes = load_config(
+            args.config_file, command_line_opts(args)
+        ).SOLVER.CMRCNN.COLLECTIVE_TIMEOUT
+        check_values({"SOLVER.CMRCNN.COLLECTIVE_TIMEOUT": minutes})
+        timeout = timedelta(minutes=float(minutes))
     return launch(
         main_func,
         args.num_gpus,
@@ -228,6 +255,7 @@ def launch_with_args(main_func, args):
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        timeout=timeout,
     )
 
 

@@ -95,13 +95,14 @@ def _normalize_categories(data, fixed):
             else a
             for a in anns
         ]
-    used = {a.get("category_id") for a in anns if isinstance(a, dict)}
+    used = {a.get("category_id") for a in anns if isinstance(a, dict) and _hashable(a)}
     kept = []
     for c in cats:
         name = c.get("name") if isinstance(c, dict) else None
         if (
             isinstance(name, str)
             and name.strip("_ ").lower() == "background"
+            and isinstance(c.get("id"), int)
             and c.get("id") not in used
         ):
             fixed["unused_background_category_dropped"] += 1
@@ -132,8 +133,17 @@ def _check_categories(data, problems):
         for name, ids in ids_by_name.items()
         if len(set(ids)) > 1
     )
-    valid = [c for c in data["categories"] if isinstance(c, dict) and c.get("id") in names_by_id]
+    valid = [
+        c
+        for c in data["categories"]
+        if isinstance(c, dict) and isinstance(c.get("id"), int) and c["id"] in names_by_id
+    ]
     return sorted(valid, key=lambda c: c["id"])
+
+
+def _hashable(ann):
+    """Whether an annotation's ``category_id`` can be looked up (not a list or dict)."""
+    return not isinstance(ann.get("category_id"), (list, dict))
 
 
 def categories_of(json_file):

@@ -61,6 +61,51 @@ def locate_image(image_root, file_name):
     return file_name, None
 
 
+#: Polygon coordinates may lie this many image sizes outside the image (objects cut by the
+#: border); farther ones are annotation errors, and overflow pycocotools' rasteriser.
+_FAR = 10
+
+
+def _near_image(poly, h, w):
+    size = max(h, w)
+    return all(-_FAR * size <= v <= (_FAR + 1) * size for v in poly)
+
+
+def _span(poly):
+    return f"{min(poly):.6g}..{max(poly):.6g}"
+
+
+def _compressed_rle_total(text):
+    """The sum of the run lengths of a COCO compressed RLE string, or -1 if it is malformed.
+
+    The format (pycocotools ``rleToString``): each count is a little-endian sequence of
+    characters ``48 + 6 bits``, 5 value bits per character, bit 0x20 = "more follows", bit 0x10
+    of the last one = negative; counts after the second are stored as differences to the count
+    two places before. A garbled string would make pycocotools fail later, in the data loader
+    or the evaluator ("Invalid RLE mask representation"), or read past its end.
+    """
+    counts, i, n = [], 0, len(text)
+    while i < n:
+        x, k, more = 0, 0, True
+        while more:
+            if i >= n:
+                return -1  # the last count is cut off
+            c = ord(text[i]) - 48
+            if not 0 <= c < 64:
+                return -1
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            i, k = i + 1, k + 1
+            if not more and c & 0x10:
+                x -= 1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        if x < 0:
+            return -1
+        counts.append(x)
+    return sum(counts)
+
+
 def _check_segmentation(segm, h, w, report, what):
     """Returns (cleaned segmentation, RLE, skip reason); drops bad polygons (counted)."""
     if isinstance(segm, list):
@@ -77,6 +122,9 @@ def _check_segmentation(segm, h, w, report, what):
                 report.skip("polygon_odd_coordinates", f"{what}: {len(poly)} coordinates")
             elif len(poly) < 6:
                 report.skip("polygon_too_few_points", f"{what}: {len(poly) // 2} points")
+            elif not _near_image(poly, h, w):
+                # pycocotools rasterises in C int arithmetic: such coordinates overflow it
+                report.skip("polygon_far_outside_image", f"{what}: coordinates {_span(poly)}")
             else:
                 polys.append(poly)
         if not polys:
@@ -98,7 +146,10 @@ def _check_segmentation(segm, h, w, report, what):
                 return None, None, "invalid_rle"
             rle = mask_util.frPyObjects(segm, h, w)
         else:
-            rle = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
+            text = counts.decode("ascii") if isinstance(counts, bytes) else counts
+            if not isinstance(text, str) or _compressed_rle_total(text) != h * w:
+                return None, None, "invalid_rle"
+            rle = {"size": [h, w], "counts": text.encode("ascii")}
         area = mask_util.area(rle)
     except Exception:  # malformed size or compressed counts
         return None, None, "invalid_rle"

@@ -12,7 +12,9 @@ SKIP_HINTS = {
     "invalid_bbox": "bbox must be 4 finite numbers [x, y, w, h] with w, h > 0",
     "polygon_too_few_points": "a polygon needs >= 3 points",
     "polygon_odd_coordinates": "a polygon is [x1, y1, x2, y2, ...]",
-    "polygon_not_numeric": "each polygon must be a list of numbers",
+    "polygon_not_numeric": "each polygon must be a list of finite numbers",
+    "polygon_far_outside_image": "polygon coordinates more than 10 image sizes outside the "
+    "image; check the coordinates (pixels, not normalised) and the image size",
     "segmentation_mixed": "a segmentation is a list of polygons [[x1, y1, ...], ...], one "
     "flat polygon [x1, y1, ...], or an RLE dict, not a mix of numbers and lists",
     "invalid_segmentation": "a segmentation is a list of polygons or an RLE dict",

@@ -10,7 +10,10 @@
 class names) and its final checkpoint; no data set is read. A checkpoint that does not fit the
 config (another number of classes, ...) is an error, not a half-random model.
 
-``--input`` takes image files, folders and glob patterns (several allowed). The results JSON
+``--input`` takes image files, folders and glob patterns (several allowed). Files that cannot
+be read (empty, truncated, corrupt, a decompression bomb, an aspect ratio above 200:1) are
+skipped and listed at the end with the reason (and in ``skipped_inputs.json``); the others are
+all predicted. ``--strict`` then exits with code 1. The results JSON
 (``coco_results.json``) is in the COCO results format (``image_id``, ``category_id``, ``bbox``
 in xywh, ``score``, ``segmentation`` as compressed RLE); with ``--coco-json`` the image and
 category ids are those of that ground-truth file (matched by file name), so pycocotools can
@@ -113,6 +116,11 @@ def get_parser():
     parser.add_argument("--output", required=True, help="folder for PNGs and the JSON")
     parser.add_argument("--score-thresh", type=float, default=0.5)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with code 1 if any input image cannot be read (they are listed either way)",
+    )
     parser.add_argument("--coco-json", help="ground-truth JSON whose image/category ids to use")
     add_debug_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -155,7 +163,14 @@ def main(argv=None):
     results = []
     from tqdm import tqdm
 
+    from cmrcnn_ext.data.coco_items import probe_image
+
+    bad = {}
     for n, path in enumerate(tqdm(paths, desc="predict", unit="img"), start=1):
+        probe = probe_image(path)  # bad files are listed, not fatal (--strict: exit code 1)
+        if isinstance(probe, str):
+            bad[path] = probe
+            continue
         img = read_image(path, format="BGR")
         inst = predictor(img)["instances"].to("cpu")
         image_id = n
@@ -170,7 +185,16 @@ def main(argv=None):
     out_json = os.path.join(args.output, "coco_results.json")
     with open(out_json, "w") as f:
         json.dump(results, f)
-    print(f"{len(paths)} images, {len(results)} detections -> {args.output} ({out_json})")
+    done = len(paths) - len(bad)
+    print(f"{done} images, {len(results)} detections -> {args.output} ({out_json})")
+    if bad:
+        with open(os.path.join(args.output, "skipped_inputs.json"), "w") as f:
+            json.dump(bad, f, indent=1)
+        print(f"{len(bad)} of {len(paths)} inputs could not be read (skipped_inputs.json):")
+        for path, reason in bad.items():
+            print(f"  {path}: {reason}")
+        if args.strict:
+            raise SystemExit(1)
     return out_json
 
 

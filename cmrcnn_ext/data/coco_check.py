@@ -141,6 +141,15 @@ def _check_categories(data, problems):
     return sorted(valid, key=lambda c: c["id"])
 
 
+def _probe_reason(problem):
+    """The skip reason of an image :func:`probe_image` refused."""
+    if problem.startswith("decompression bomb"):
+        return "image_too_large"
+    if problem.startswith("extreme aspect ratio"):
+        return "extreme_aspect_ratio"
+    return "unreadable_image"
+
+
 def _hashable(ann):
     """Whether an annotation's ``category_id`` can be looked up (not a list or dict)."""
     return not isinstance(ann.get("category_id"), (list, dict))
@@ -271,7 +280,7 @@ def check_coco(json_file, image_root, check_images=True):
         if probe == "file not found":
             reason, msg = "missing_image", f"not found under image_root '{image_root}'"
         elif isinstance(probe, str):
-            reason, msg = "unreadable_image", probe
+            reason, msg = _probe_reason(probe), probe
         elif probe is not None and ("width" not in img or "height" not in img):
             img["width"], img["height"] = probe
             report.fixed["size_from_image"] += 1

@@ -6,6 +6,7 @@ reason it is skipped, and counts repairs in the report (``report.fixed``).
 
 import math
 import os
+import warnings
 
 import pycocotools.mask as mask_util
 from PIL import Image
@@ -27,19 +28,39 @@ def _numbers(values, n=None):
     )
 
 
+#: Images more elongated than this are refused: Detectron2's resize would make their short side
+#: 0 px at common sizes (ratio > 2 x INPUT.MAX_SIZE_*), and no detector learns from them.
+MAX_ASPECT_RATIO = 200
+
+
 def probe_image(path):
-    """(width, height) as Detectron2's ``read_image`` sees it (EXIF applied), or an error str."""
+    """(width, height) as Detectron2's ``read_image`` sees it (EXIF applied), or an error str.
+
+    Refused, with the reason: a missing or 0-byte file, one Pillow cannot decode (truncated,
+    corrupt, not an image), a decompression bomb (more pixels than Pillow's
+    ``Image.MAX_IMAGE_PIXELS``, checked before anything is decoded), an aspect ratio above
+    :data:`MAX_ASPECT_RATIO`.
+    """
     if not os.path.isfile(path):
         return "file not found"
+    if os.path.getsize(path) == 0:
+        return "empty file (0 bytes)"
     try:
-        with Image.open(path) as img:
-            w, h = img.size
-            orientation = img.getexif().get(_EXIF_ORIENTATION)
-            if img.format == "JPEG":  # decode at 1/8 scale: still reads the whole stream
-                img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
-            img.load()
+        with warnings.catch_warnings():
+            # Pillow warns between 1x and 2x its pixel limit and raises above: refuse both
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                orientation = img.getexif().get(_EXIF_ORIENTATION)
+                if img.format == "JPEG":  # decode at 1/8 scale: still reads the whole stream
+                    img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
+                img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return f"decompression bomb refused ({e})"
     except Exception as e:  # PIL raises many types for bad files
         return f"cannot decode ({type(e).__name__}: {e})"
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        return f"extreme aspect ratio {w}x{h} (more than {MAX_ASPECT_RATIO}:1)"
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 

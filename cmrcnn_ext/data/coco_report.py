@@ -26,6 +26,9 @@ SKIP_HINTS = {
     "ignore_flag": "use iscrowd=1 instead of 'ignore'",
     "missing_image": "copy the image or fix file_name / the image folder",
     "unreadable_image": "re-save or delete the image",
+    "image_too_large": "more pixels than Pillow's limit (Image.MAX_IMAGE_PIXELS, a guard against "
+    "decompression bombs); downscale it, or raise the limit if you trust the file",
+    "extreme_aspect_ratio": "more than 200:1; crop or pad it",
     "image_size_mismatch": "fix width/height in the JSON",
     "annotation_of_skipped_image": "its image was skipped",
 }

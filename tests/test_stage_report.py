@@ -317,3 +317,43 @@ def test_analyze_under_ddp_gathers_like_one_process(trained):
     assert two["num_images"] == one["num_images"] == 3
     for key in ("box", "mask", "proposals", "iou_shift"):
         assert two[key] == one[key], key
+
+
+def test_analyze_in_code_on_a_data_set_registered_by_detectron2(trained):
+    """A data set registered with Detectron2's own ``register_coco_instances`` gets its category
+    id mapping only when first loaded; the stage rows must still use the file's ids (the final
+    row is checked against the COCO evaluator inside ``analyze``)."""
+    from detectron2.data.datasets import register_coco_instances
+
+    from cmrcnn_ext.config import setup_cfg
+    from cmrcnn_ext.engine import Trainer
+    from cmrcnn_ext.engine.checkpoint import CMRCNNCheckpointer
+    from cmrcnn_ext.evaluation.stage_analysis import analyze
+
+    root, data, out = trained
+    register_coco_instances("stage_report_d2_val", {}, str(data / "val.json"), str(data / "val"))
+    cfg = setup_cfg(
+        str(out / "config.yaml"),
+        [
+            x
+            for k in ("TRAIN_JSON", "TRAIN_IMAGE_ROOT", "VAL_JSON", "VAL_IMAGE_ROOT")
+            for x in (f"DATASETS.CMRCNN.{k}", "")
+        ]
+        + [
+            "DATASETS.TRAIN",
+            "('stage_report_d2_val',)",
+            "DATASETS.TEST",
+            "('stage_report_d2_val',)",
+        ]
+        + ["OUTPUT_DIR", str(root / "in_code")],
+    )
+    model = Trainer.build_model(cfg)
+    CMRCNNCheckpointer(model, for_inference=True).load(str(out / "model_final.pth"))
+    report = analyze(cfg, model)["stage_report_d2_val"]
+    assert report["box"]["final"]["AP"] == report["coco"]["bbox"]["AP"]
+    same = json.dumps(report["box"]["stages 1-3 mean"]) == json.dumps(report["box"]["final"])
+    assert same  # (json: NaN == NaN)
+    # the rows' results carry the file's category ids (1..5), not Detectron2's 0..4
+    written = json.loads((root / "in_code" / "stage_results" / "bbox_stage_1.json").read_text())
+    assert written and {r["category_id"] for r in written} <= {1, 2, 3, 4, 5}
+    assert 5 in {r["category_id"] for r in written}

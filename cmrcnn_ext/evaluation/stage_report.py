@@ -93,10 +93,8 @@ class StageEvaluator(DatasetEvaluator):
         backend: str = "faster",
         output_dir=None,
     ):
-        meta = MetadataCatalog.get(dataset_name)
-        self._json_file = meta.json_file
-        mapping = getattr(meta, "thing_dataset_id_to_contiguous_id", None)
-        self._to_dataset_id = {v: k for k, v in mapping.items()} if mapping else None
+        self._dataset_name = dataset_name
+        self._json_file = MetadataCatalog.get(dataset_name).json_file
         self._recorder = recorder
         self._heads = roi_heads
         self._num_stages = roi_heads.num_cascade_stages
@@ -226,13 +224,16 @@ class StageEvaluator(DatasetEvaluator):
 
     def _evaluate_rows(self, images, key, rows, coco_gt) -> Dict[str, dict]:
         iou_type = "bbox" if key == "boxes" else "segm"
+        # read now: Detectron2's loader of a registered COCO file sets the id mapping only when
+        # the data set is first loaded (as the COCO evaluator, which also reads it late)
+        meta = MetadataCatalog.get(self._dataset_name)
+        mapping = getattr(meta, "thing_dataset_id_to_contiguous_id", None)
+        to_dataset_id = {v: k for k, v in mapping.items()} if mapping else None
         out = OrderedDict()
         for row in rows:
             results = [r for im in images for r in im[key].get(row, [])]
-            if self._to_dataset_id:
-                results = [
-                    {**r, "category_id": self._to_dataset_id[r["category_id"]]} for r in results
-                ]
+            if to_dataset_id:
+                results = [{**r, "category_id": to_dataset_id[r["category_id"]]} for r in results]
             if self._output_dir:
                 self._write_results(key, row, results)
             if not results:

@@ -163,15 +163,19 @@ def main(argv=None):
     results = []
     from tqdm import tqdm
 
-    from cmrcnn_ext.data.coco_items import probe_image
+    from cmrcnn_ext.data.coco_items import decode_error, probe_image
 
-    bad = {}
+    bad = {}  # bad files are listed, not fatal (--strict: exit code 1)
     for n, path in enumerate(tqdm(paths, desc="predict", unit="img"), start=1):
-        probe = probe_image(path)  # bad files are listed, not fatal (--strict: exit code 1)
+        probe = probe_image(path, decode=False)  # header checks; read_image decodes once
         if isinstance(probe, str):
             bad[path] = probe
             continue
-        img = read_image(path, format="BGR")
+        try:
+            img = read_image(path, format="BGR")
+        except Exception as e:  # PIL raises many types for truncated / corrupt files
+            bad[path] = decode_error(e)
+            continue
         inst = predictor(img)["instances"].to("cpu")
         image_id = n
         if image_ids:

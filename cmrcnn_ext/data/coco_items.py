@@ -33,13 +33,14 @@ def _numbers(values, n=None):
 MAX_ASPECT_RATIO = 200
 
 
-def probe_image(path):
+def probe_image(path, decode=True):
     """(width, height) as Detectron2's ``read_image`` sees it (EXIF applied), or an error str.
 
     Refused, with the reason: a missing or 0-byte file, one Pillow cannot decode (truncated,
     corrupt, not an image), a decompression bomb (more pixels than Pillow's
     ``Image.MAX_IMAGE_PIXELS``, checked before anything is decoded), an aspect ratio above
-    :data:`MAX_ASPECT_RATIO`.
+    :data:`MAX_ASPECT_RATIO`. With ``decode=False`` only the header is read (a caller that
+    decodes the image next reports its decode errors with :func:`decode_error`).
     """
     if not os.path.isfile(path):
         return "file not found"
@@ -52,16 +53,22 @@ def probe_image(path):
             with Image.open(path) as img:
                 w, h = img.size
                 orientation = img.getexif().get(_EXIF_ORIENTATION)
-                if img.format == "JPEG":  # decode at 1/8 scale: still reads the whole stream
+                if decode and img.format == "JPEG":  # 1/8 scale: still reads the whole stream
                     img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
-                img.load()
+                if decode:
+                    img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return f"decompression bomb refused ({e})"
     except Exception as e:  # PIL raises many types for bad files
-        return f"cannot decode ({type(e).__name__}: {e})"
+        return decode_error(e)
     if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
         return f"extreme aspect ratio {w}x{h} (more than {MAX_ASPECT_RATIO}:1)"
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def decode_error(exc):
+    """The reason text of an image that cannot be decoded."""
+    return f"cannot decode ({type(exc).__name__}: {exc})"
 
 
 def locate_image(image_root, file_name):

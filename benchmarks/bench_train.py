@@ -248,12 +248,16 @@ def main(argv=None):
             w.close()
     for k in peak:  # the better of the two: a busy moment only lowers it
         peak[k] = max(peak[k], matmul_peak(getattr(torch, k)))
+    peak = {k: rate for k, (rate, _) in peak.items()} | {
+        f"{k} size": n for k, (_, n) in peak.items()
+    }
     report(workers, flops, peak, parts, args)
 
 
 def report(workers, flops, peak, parts, args):
-    print("matrix-multiply peak (2048^2, best over 2 s, measured before and after the models): "
-          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()))  # fmt: skip
+    print("matrix-multiply peak (best over 2 s, measured before and after the models): "
+          + ", ".join(f"{k} {peak[k]:.1f} GFLOP/s ({peak[k + ' size']}^2)"
+                      for k in ("float32", "bfloat16")))  # fmt: skip
     base = statistics.median(workers[0].seconds)
     print(f"\ntraining step: {args.rounds} rounds x {args.steps} iterations per model after "
           f"{args.warmup} warm-up; ratio = median / first row's median")  # fmt: skip

@@ -26,18 +26,34 @@ PREFIX = "part:"  # names of the profiler ranges this module opens
 
 
 def matmul_peak(dtype, size=2048, seconds=2.0):
-    """Best GFLOP/s of ``size`` x ``size`` matrix products in ``dtype`` on the CPU over about
-    ``seconds`` (after three warm-up products); 2 * size**3 FLOPs per product."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    for _ in range(3):
+    """Best GFLOP/s of square matrix products in ``dtype`` on the CPU over about ``seconds``.
+
+    The products are ``size`` x ``size`` unless one would take more than a quarter of
+    ``seconds``: sizes double from 128 while the next product, estimated at 8x the time of the
+    last one, fits. A CPU that emulates bfloat16 (no AVX512-BF16 / AMX) multiplies it ~100x
+    slower than float32, and a 2048^2 product would take a minute; there the figure is the
+    emulated rate at the size returned. 2 * n**3 FLOPs per n x n product.
+
+    Returns:
+        (GFLOP/s, n): the best rate and the matrix size it was measured at.
+    """
+    n = 128
+    while True:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if n >= size or 8 * (time.perf_counter() - start) > seconds / 4:
+            break
+        n *= 2
+    for _ in range(2):
         torch.mm(a, b)
     best, end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < end:
         start = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best / 1e9
+    return 2.0 * n**3 / best / 1e9, n
 
 
 def count_flops(fn):

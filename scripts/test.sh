@@ -7,7 +7,9 @@
 # where neither is available it is skipped, and the summary says so.
 #
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k equivalence`; slow tests:
-# `bash scripts/test.sh -m slow`. CMRCNN_LEGS="v0.6" (or "main") runs one leg.
+# `bash scripts/test.sh -m slow`. CMRCNN_LEGS="v0.6" (or "main") runs one leg. Tests marked
+# one_leg (multi-process tests of code that does not depend on Detectron2's version) run in the
+# main leg only; `-m one_leg` on the command line runs them in both.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 LEGS="${CMRCNN_LEGS:-v0.6 main}"
@@ -27,7 +29,10 @@ for leg in $LEGS; do
       ruff check . || exit 1
       ruff format --check . || exit 1
     fi
-    python -m pytest tests "$@"
+    # one_leg tests (Detectron2-version-independent process tests) run in the main leg only
+    marks=()
+    [ "$leg" = main ] || marks=(-m "not slow and not one_leg")
+    python -m pytest tests "${marks[@]}" "$@"
   ) || rc=$?
   first=0
   if [ "$rc" -eq 0 ]; then

@@ -105,3 +105,17 @@ def test_bench_peers_prints_every_model(capsys):
     assert len(rows) == 5, out
     # Detectron2's row is the reference of both ratios
     assert rows[bench_peers.NAMES["a"]].count("1.00x") == 2
+
+
+def test_matmul_peak_bounds_its_time_where_bfloat16_is_emulated():
+    """A CPU without native bfloat16 multiplies it ~100x slower: the peak measurement takes a
+    smaller product there instead of minutes of 2048^2 products."""
+    import time
+
+    import torch
+
+    for dtype in (torch.float32, torch.bfloat16):
+        start = time.perf_counter()
+        rate, n = train_parts.matmul_peak(dtype, seconds=0.5)
+        assert time.perf_counter() - start < 30
+        assert rate > 0 and n in (128, 256, 512, 1024, 2048)

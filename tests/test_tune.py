@@ -280,6 +280,7 @@ def _states(study_dir):
         return []
 
 
+@pytest.mark.one_leg
 def test_kill_and_resume_loses_nothing_and_runs_nothing_twice(tmp_path, data):
     space = _space(tmp_path, {"MODEL.ROI_BOX_HEAD.NUM_FC": {"choices": [1, 2, 3]}})
     study_dir = tmp_path / "study"
@@ -313,6 +314,7 @@ def test_kill_and_resume_loses_nothing_and_runs_nothing_twice(tmp_path, data):
     assert "interrupted (re-run)" in (study_dir / "report.md").read_text()
 
 
+@pytest.mark.one_leg
 def test_two_workers_share_one_storage(tmp_path, data):
     space = _space(tmp_path, {"MODEL.ROI_BOX_HEAD.NUM_FC": {"choices": [1, 2, 3]}})
     study_dir = tmp_path / "study"

@@ -108,6 +108,7 @@ def launch(
         try:
             return _launch_workers(
                 main_func,
+                world_size,
                 num_gpus_per_machine,
                 num_machines,
                 machine_rank,
@@ -129,14 +130,22 @@ def launch(
 
 
 def _launch_workers(
-    main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout, backend
+    main_func,
+    world_size,
+    num_gpus_per_machine,
+    num_machines,
+    machine_rank,
+    dist_url,
+    args,
+    timeout,
+    backend,
 ):
-    """Ways 2 and 3 of :func:`launch` (Detectron2's launcher with CUDA, gloo CPU workers)."""
-    world_size = num_machines * num_gpus_per_machine
+    """Ways 2 and 3 of :func:`launch` (Detectron2's launcher with CUDA, gloo CPU workers), for
+    ``world_size`` > 1 processes."""
     if torch.cuda.is_available() and backend in (None, "nccl"):
         from detectron2.engine import launch as d2_launch
 
-        if world_size > 1 and dist_url is None:
+        if dist_url is None:
             dist_url = "auto"
         return d2_launch(
             _ExitOnPreempted(main_func),

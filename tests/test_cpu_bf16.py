@@ -24,3 +24,14 @@ def test_demo_precision_follows_the_cpu_unless_the_user_sets_it(monkeypatch, nat
     assert demo.precision_opts(demo.DEMO_CONFIG, ["SOLVER.AMP.ENABLED", "True"]) == []
     # nothing to change when the run is float32 anyway
     assert demo.precision_opts(demo.DEMO_CONFIG, ["SOLVER.AMP.ENABLED", "False"]) == []
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_demo_quotes_the_reference_run_of_the_precision_it_trains_in(monkeypatch, native):
+    from cmrcnn_ext.config import setup_cfg
+
+    monkeypatch.setattr(demo, "native_bf16", lambda: native)
+    cfg = setup_cfg(demo.DEMO_CONFIG, demo.precision_opts(demo.DEMO_CONFIG, []))
+    line = demo.reference_run(cfg)
+    assert line == demo.REFERENCE_RUNS["bfloat16" if native else "float32"]
+    assert ("in float32" in line) != native

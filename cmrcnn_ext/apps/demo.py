@@ -30,11 +30,18 @@ from cmrcnn_ext.engine.cpu_bf16 import native_bf16
 from cmrcnn_ext.engine.report import write_results
 
 DEMO_CONFIG = "cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml"  # packaged (cmrcnn_ext.model_zoo)
-#: What the default demo reaches, SEEDs 0-2 (docs/demo.md: commit, date, machine, command).
-REFERENCE_RUN = (
-    "box / mask AP 52.9 / 53.2 with SEED 0 (SEED 1: 57.0 / 55.7, SEED 2: 57.3 / 55.5), "
-    "in 551-685 s on 2-core CPUs (docs/demo.md)"
-)
+#: What the default demo reaches, by the precision it trains in (docs/demo.md: commit, date,
+#: machine, command of each run). float32 is what a CPU without native bfloat16 gets.
+REFERENCE_RUNS = {
+    "bfloat16": (
+        "box / mask AP 52.9 / 53.2 with SEED 0 (SEED 1: 57.0 / 55.7, SEED 2: 57.3 / 55.5), "
+        "in 551-685 s on 2-core CPUs with AVX512-BF16 (docs/demo.md)"
+    ),
+    "float32": (
+        "box / mask AP 53.4 / 53.3 with SEED 0 in float32 on 2 threads (56.4 / 55.6 on 1 "
+        "thread), in 1232 s on a 2-core CPU without AVX512 (docs/demo.md)"
+    ),
+}
 
 logger = logging.getLogger("cmrcnn_ext.apps.demo")
 
@@ -92,6 +99,12 @@ def precision_opts(config_file, opts):
     return ["SOLVER.AMP.ENABLED", "False"]
 
 
+def reference_run(cfg):
+    """The line of :data:`REFERENCE_RUNS` for the precision ``cfg`` trains in."""
+    bf16 = cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu"
+    return REFERENCE_RUNS["bfloat16" if bf16 else "float32"]
+
+
 class _EvalTimer(HookBase):
     """Notes when training proper ends, so that the final evaluation can be timed apart."""
 
@@ -134,7 +147,7 @@ def main(argv=None):
 
     print(
         f"[demo] 2/3 training {cfg.SOLVER.MAX_ITER} iterations on {cfg.MODEL.DEVICE}, then COCO "
-        f"evaluation on {cfg.DATASETS.TEST[0]}",
+        f"evaluation on {cfg.DATASETS.TEST[0]}; the default demo reaches {reference_run(cfg)}",
         flush=True,
     )
     trainer = Trainer(cfg)
@@ -169,7 +182,7 @@ def main(argv=None):
     print(f"{'box AP / AP50':22}{box_ap:8.1f} / {results['bbox']['AP50']:.1f}")
     print(f"{'mask AP / AP50':22}{mask_ap:8.1f} / {results['segm']['AP50']:.1f}")
     print(f"{'wall time (s)':22}{total:8.0f}   (train {t_train:.0f}, evaluation {t_eval:.0f})")
-    print(f"the default demo reaches {REFERENCE_RUN}")
+    print(f"the default demo reaches {reference_run(cfg)}")
     print("=" * 64)
     print(f"metrics:     {os.path.join(args.output, 'results.json')}")
     print(f"curves:      {curves}")

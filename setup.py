@@ -45,7 +45,7 @@ setup(
         # hyperparameter studies (cmrcnn-tune): Optuna's samplers, pruners and storages
         "tune": ["optuna>=4"],
         "test": [
-            "pytest>=7",
+            "pytest>=7.3",  # tmp_path_retention_policy (pytest.ini)
             "pytest-timeout",
             "onnx",
             "onnxruntime",

@@ -224,6 +224,7 @@ def main(argv=None):
         specs.append((f"ours, {label}", ROOT, opts + extra.split()))
     specs.append(("ours (this tree)", ROOT, opts))
 
+    # {dtype: (GFLOP/s, matrix size)}
     peak = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     print(f"config {name}, overrides {opts or '-'}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
@@ -247,17 +248,14 @@ def main(argv=None):
         for w in workers:
             w.close()
     for k in peak:  # the better of the two: a busy moment only lowers it
-        peak[k] = max(peak[k], matmul_peak(getattr(torch, k)))
-    peak = {k: rate for k, (rate, _) in peak.items()} | {
-        f"{k} size": n for k, (_, n) in peak.items()
-    }
+        peak[k] = max(peak[k], matmul_peak(getattr(torch, k)), key=lambda rate_size: rate_size[0])
     report(workers, flops, peak, parts, args)
 
 
 def report(workers, flops, peak, parts, args):
     print("matrix-multiply peak (best over 2 s, measured before and after the models): "
-          + ", ".join(f"{k} {peak[k]:.1f} GFLOP/s ({peak[k + ' size']}^2)"
-                      for k in ("float32", "bfloat16")))  # fmt: skip
+          + ", ".join(f"{k} {rate:.1f} GFLOP/s ({n}^2)"
+                      for k, (rate, n) in peak.items()))  # fmt: skip
     base = statistics.median(workers[0].seconds)
     print(f"\ntraining step: {args.rounds} rounds x {args.steps} iterations per model after "
           f"{args.warmup} warm-up; ratio = median / first row's median")  # fmt: skip
@@ -270,7 +268,7 @@ def report(workers, flops, peak, parts, args):
         dtype = "bfloat16" if w.info.get("amp") else "float32"
         rate = f["train_flops"] / med / 1e9
         print(f"{w.name:32}{med:9.3f}   {q1:6.3f} - {q3:6.3f}{med / base:7.2f}x"
-              f"{f['train_flops'] / 1e9:13.1f}{rate:9.1f}{100 * rate / peak[dtype]:7.1f}%"
+              f"{f['train_flops'] / 1e9:13.1f}{rate:9.1f}{100 * rate / peak[dtype][0]:7.1f}%"
               f"{f['infer_flops_per_image'] / 1e9:17.2f}")  # fmt: skip
     print("(% peak: of the matrix-multiply peak of the dtype the convolutions run in: "
           + ", ".join(f"{w.name}: {'bfloat16' if w.info.get('amp') else 'float32'}"

@@ -35,7 +35,7 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from cmrcnn_ext.apps.demo import DEMO_CONFIG  # noqa: E402
+from cmrcnn_ext.apps.demo import DEMO_CONFIG, precision_opts  # noqa: E402
 from cmrcnn_ext.config import setup_cfg
 from cmrcnn_ext.engine import Trainer  # noqa: E402
 
@@ -83,6 +83,8 @@ def _variant_dir(output, seed, name):
 def run_variant(name, overrides, merges, seed, args):
     out = _variant_dir(args.output, seed, name)
     opts = list(args.opts) + overrides + ["SEED", seed, "OUTPUT_DIR", out]
+    # the precision the demo trains in here: float32 where bfloat16 would be emulated
+    opts += precision_opts(args.config_file, [str(o) for o in opts])
     if args.iters:  # keep the demo's LR schedule shape
         opts += [
             "SOLVER.MAX_ITER",

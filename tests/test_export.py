@@ -137,6 +137,7 @@ def test_uint8_input_and_no_detections():
     assert_same(reference(model, img, "bool"), traced(img.to(torch.uint8)), "uint8 input")
 
 
+@pytest.mark.one_leg
 def test_loads_without_detectron2_or_cmrcnn_ext(tmp_path):
     model = build("all+mean", True)
     wrapper = ExportableCascadeMaskRCNN(model, "probs")

@@ -113,6 +113,7 @@ def installed(tmp_path_factory):
     return python, env, work
 
 
+@pytest.mark.one_leg
 def test_wheel_installs_the_package_with_its_configs(installed):
     python, env, work = installed
     code = (
@@ -130,6 +131,7 @@ def test_wheel_installs_the_package_with_its_configs(installed):
     assert "reference_space.yaml" in _run([tune, "run", "--help"], cwd=str(work), env=env)
 
 
+@pytest.mark.one_leg
 def test_demo_predict_export_run_from_another_folder(installed):
     python, env, work = installed
     out = work / "demo"

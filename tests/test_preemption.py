@@ -98,6 +98,7 @@ def test_signal_stops_with_checkpoint_and_resume_is_bitwise_uninterrupted(tmp_pa
     assert not different, f"stopped after iteration {k}: {len(different)} tensors differ"
 
 
+@pytest.mark.one_leg
 def test_ddp_ranks_stop_at_the_same_iteration_on_a_signal_to_the_launcher(tmp_path):
     data_root = str(tmp_path / "data")
     json_file = _make_data(data_root)
@@ -117,6 +118,7 @@ def test_ddp_ranks_stop_at_the_same_iteration_on_a_signal_to_the_launcher(tmp_pa
     _resume_two_processes(data_root, json_file, out, tmp_path)
 
 
+@pytest.mark.one_leg
 def test_a_dead_rank_stops_the_others_with_its_name_and_resume_continues(tmp_path):
     data_root = str(tmp_path / "data")
     json_file = _make_data(data_root)

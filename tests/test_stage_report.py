@@ -302,6 +302,7 @@ def test_analyze_final_rows_equal_eval_only_and_rows_equal_pycocotools(trained):
     assert report["iou_shift"][0]["input_boxes"] == 3 * 32  # POST_NMS_TOPK_TEST per image
 
 
+@pytest.mark.one_leg
 def test_analyze_under_ddp_gathers_like_one_process(trained):
     root, data, out = trained
 

@@ -200,6 +200,7 @@ def test_tiny_study_end_to_end_report_and_hparams(tmp_path, data):
     assert again["ran"] == 0 and len(again["study"].trials) == 2
 
 
+@pytest.mark.one_leg
 def test_invalid_combination_is_a_failed_trial_and_the_study_goes_on(tmp_path, data):
     # TEST_MASK_MERGE mean needs MASK_STAGES all: half of this space is invalid
     space = _space(
@@ -223,6 +224,7 @@ def test_invalid_combination_is_a_failed_trial_and_the_study_goes_on(tmp_path, d
     assert "| failed |" in (study_dir / "report.md").read_text()
 
 
+@pytest.mark.one_leg
 def test_a_failing_run_is_recorded_with_its_error(tmp_path, data):
     from cmrcnn_ext.tune.trial import TrialFailed, TrialRunner
 
@@ -234,6 +236,7 @@ def test_a_failing_run_is_recorded_with_its_error(tmp_path, data):
     assert "no.json" in str(e.value)  # the training command's own error line
 
 
+@pytest.mark.one_leg
 def test_pruned_trial(tmp_path, data):
     space = _space(tmp_path, {"MODEL.ROI_BOX_HEAD.NUM_FC": {"choices": [1, 2]}})
     study_dir = tmp_path / "study"
@@ -427,6 +430,7 @@ def test_report_command_rewrites_the_report(tmp_path, data, trained):
     assert "| 0 | complete |" in (study_dir / "report.md").read_text()
 
 
+@pytest.mark.one_leg
 def test_multi_objective_sweep_in_a_journal_storage(tmp_path, data, trained):
     weights, train_argv = trained
     space = _space(tmp_path, {"MODEL.RPN.POST_NMS_TOPK_TEST": {"choices": [2, 8, 32]}})

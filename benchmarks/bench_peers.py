@@ -35,7 +35,17 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import bench_inference as bi  # noqa: E402  (set-up and measuring helpers)
+import bench_inference  # noqa: E402  (its argument parser: load_cfg options)
+from bench_measure import MemoryMonitor, _trim_heap  # noqa: E402
+from bench_models import (  # noqa: E402
+    ROOT,
+    build_models,
+    image_shape,
+    infer_inputs,
+    load_cfg,
+    make_images,
+    variant_cfgs,
+)
 
 NAMES = {
     "tv": "torchvision maskrcnn_resnet50_fpn_v2",
@@ -96,8 +106,8 @@ def tv_inputs(item, bgr):
 
 
 def timed(fn):
-    bi._trim_heap()
-    with bi.MemoryMonitor("cpu") as mem:
+    _trim_heap()
+    with MemoryMonitor("cpu") as mem:
         start = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - start
@@ -105,8 +115,8 @@ def timed(fn):
 
 
 def build(cfg, images, seed):
-    models = bi.build_models(cfg, seed, images[0])
-    last_cfg = bi.variant_cfgs(cfg)["b"].clone()
+    models = build_models(cfg, seed, images[0])
+    last_cfg = variant_cfgs(cfg)["b"].clone()
     last_cfg.MODEL.CMRCNN.MASK_STAGES = "last"
     from detectron2.modeling import build_model
 
@@ -129,7 +139,7 @@ def run(models, images, iters, train_iters, batch, bgr, lr_opts):
                 if k == "tv":
                     out, s, peak = timed(lambda: m([tv_inputs(item, bgr)[0]]))
                 else:
-                    out, s, peak = timed(lambda: m(bi.infer_inputs(item)))
+                    out, s, peak = timed(lambda: m(infer_inputs(item)))
                 if i:
                     res[k]["lat"].append(s)
                     res[k]["ipeak"] = max(res[k]["ipeak"], peak)
@@ -176,17 +186,19 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ns = bi.parse_args(["--config", args.config, "--seed", str(args.seed)] + list(args.opts))
+    ns = bench_inference.parse_args(
+        ["--config", args.config, "--seed", str(args.seed)] + list(args.opts)
+    )
     ns.score_thresh = 0.0
-    cfg, path = bi.load_cfg(ns)
+    cfg, path = load_cfg(ns)
     cfg.SOLVER.AMP.ENABLED = False
-    h, w = bi.image_shape(cfg, cfg.INPUT.MIN_SIZE_TEST)
-    images = bi.make_images(max(2, args.batch), h, w, args.seed, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    h, w = image_shape(cfg, cfg.INPUT.MIN_SIZE_TEST)
+    images = make_images(max(2, args.batch), h, w, args.seed, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
     models = build(cfg, images, args.seed)
     import detectron2
     import torchvision
 
-    print(f"config {os.path.relpath(path, bi.ROOT)} {' '.join(args.opts)}; images {h} x {w}; "
+    print(f"config {os.path.relpath(path, ROOT)} {' '.join(args.opts)}; images {h} x {w}; "
           f"{cfg.TEST.DETECTIONS_PER_IMAGE} detections per image (score threshold 0); float32")  # fmt: skip
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, detectron2 "
           f"{detectron2.__version__}; {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "

@@ -11,7 +11,7 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from conftest import DEMO_CONFIG, ROOT  # noqa: E402
-from reliability_helpers import SMALL_OPTS, load_train_net, make_data  # noqa: E402
+from reliability_helpers import SMALL_OPTS, load_train_net  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -20,13 +20,10 @@ from tune_helpers import (  # noqa: E402
     _argv,
     _cli,
     _space,
+    tiny_data,
 )
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """The tiny data set every study here trains on (6 training, 3 validation images)."""
-    return make_data(tmp_path_factory.mktemp("tune_data"), num_train=6, num_val=3)
+data = pytest.fixture(scope="module", name="data")(tiny_data)  # the tiny data set
 
 
 # ---------------------------------------------------------------- test-time sweeps

@@ -13,12 +13,18 @@ pytest.importorskip("optuna")
 import optuna  # noqa: E402
 
 from conftest import DEMO_CONFIG, ROOT  # noqa: E402
-from reliability_helpers import SMALL_OPTS  # noqa: E402
+from reliability_helpers import SMALL_OPTS, make_data  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # float32: at 64 px the CPU's bfloat16 autocast of the demo config is slower
 FAST = ["SOLVER.AMP.ENABLED", "False"]
+
+
+def tiny_data(tmp_path_factory):
+    """The tiny data set the studies train on (6 training, 3 validation images); a module-scoped
+    fixture in each test module."""
+    return make_data(tmp_path_factory.mktemp("tune_data"), num_train=6, num_val=3)
 
 
 def _space(tmp_path, spec, name="space.yaml"):

@@ -41,10 +41,7 @@ import sys
 import time
 
 import torch
-from bench_measure import (
-    run_inference,
-    run_training,
-)
+from bench_measure import run_inference, run_training
 from bench_models import (
     MODEL_NAMES,
     ROOT,
@@ -54,12 +51,7 @@ from bench_models import (
     make_images,
     set_detections,
 )
-from bench_report import (
-    print_breakdown,
-    print_exported,
-    print_inference,
-    print_training,
-)
+from bench_report import print_breakdown, print_exported, print_inference, print_training
 from output_checker import OutputChecker
 
 

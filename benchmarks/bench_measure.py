@@ -9,9 +9,7 @@ import time
 from collections import defaultdict
 
 import torch
-from bench_models import (
-    infer_inputs,
-)
+from bench_models import infer_inputs
 
 
 class Sync:

@@ -7,10 +7,7 @@ import statistics
 
 import numpy as np
 import torch
-from bench_models import (
-    MODEL_NAMES,
-    infer_inputs,
-)
+from bench_models import MODEL_NAMES, infer_inputs
 
 
 def _ratio(x, base):

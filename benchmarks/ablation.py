@@ -93,7 +93,7 @@ def run_variant(name, overrides, merges, seed, args):
             f"({int(args.iters * 0.8)}, {int(args.iters * 0.925)})",
         ]
     cfg = setup_cfg(args.config_file, [str(o) for o in opts])
-    seed_all_rng(cfg.SEED)  # weights and image order (runs before this round seeded torch only)
+    seed_all_rng(cfg.SEED)  # initial weights and image order (before 78ab4c2: torch only)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     t0 = time.perf_counter()

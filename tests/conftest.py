@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs and synthetic batches, all on the CPU and seeded."""
 
+import logging
 import os
 import sys
 
@@ -74,3 +75,18 @@ def make_batch(num_images=2, size=128, seed=0, num_classes=5, with_gt=True):
 @pytest.fixture
 def batch():
     return make_batch()
+
+
+@pytest.fixture
+def log_text():
+    """Messages of cmrcnn_ext's loggers (own handler: works whatever propagation is set)."""
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: records.append(record.getMessage())
+    log = logging.getLogger("cmrcnn_ext")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    yield lambda: "\n".join(records)
+    log.removeHandler(handler)
+    log.setLevel(level)

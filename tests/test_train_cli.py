@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from coco_helpers import _quirky
 from PIL import Image
 from pycocotools.coco import COCO
 
 from conftest import DEMO_CONFIG, ROOT
-from test_coco_data import _quirky
 
 SMALL = [
     "SOLVER.IMS_PER_BATCH",

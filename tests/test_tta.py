@@ -141,9 +141,8 @@ def test_single_scale_tta_equals_plain_inference(mask_stages, merge):
 def test_train_net_runs_tta_after_training_and_with_eval_only(tmp_path, monkeypatch):
     """train_net.py with TEST.AUG.ENABLED: TTA after the last iteration, and in --eval-only
     its ``*_TTA`` results next to the plain ones; files in OUTPUT_DIR/inference_TTA/."""
+    from coco_helpers import _quirky
     from test_train_cli import SMALL, load_train_net
-
-    from test_coco_data import _quirky
 
     monkeypatch.setenv("CMRCNN_EXT_CACHE_DIR", str(tmp_path / "clean_cache"))
     json_file, root, _ = _quirky(tmp_path)

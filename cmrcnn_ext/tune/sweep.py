@@ -8,7 +8,7 @@ Each trial runs what ``train_net.py --eval-only MODEL.WEIGHTS <checkpoint> KEY V
 runs, in the study's process: the config (validated), the data sets, the model built from it,
 the checkpoint loaded for inference, ``Trainer.test`` (AP and inference ms/image), and
 ``results.json`` + ``config.yaml`` in the trial's folder. Its AP equals that command's (tested in
-tests/test_tune.py).
+tests/test_tune_sweep.py).
 """
 
 import os

@@ -103,9 +103,7 @@ def test_ddp_ranks_stop_at_the_same_iteration_on_a_signal_to_the_launcher(tmp_pa
     data_root = str(tmp_path / "data")
     json_file = _make_data(data_root)
     out = str(tmp_path / "ddp")
-    extra = ["--num-gpus", "2"]
-    cmd = _cmd(data_root, json_file, out)
-    cmd = cmd[:3] + extra + cmd[3:]
+    cmd = _two_processes(_cmd(data_root, json_file, out))
     rc, log = _signal_during_training(cmd, tmp_path, "ddp", signal.SIGUSR1, 0.5)
     assert rc == EXIT_PREEMPTED, log[-3000:]
     stops = []
@@ -123,9 +121,7 @@ def test_a_dead_rank_stops_the_others_with_its_name_and_resume_continues(tmp_pat
     data_root = str(tmp_path / "data")
     json_file = _make_data(data_root)
     out = str(tmp_path / "dead")
-    extra = ["--num-gpus", "2"]
-    cmd = _cmd(data_root, json_file, out, extra=["SOLVER.CHECKPOINT_PERIOD", 2])
-    cmd = cmd[:3] + extra + cmd[3:]
+    cmd = _two_processes(_cmd(data_root, json_file, out, extra=["SOLVER.CHECKPOINT_PERIOD", 2]))
     log_path = tmp_path / "dead.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -155,11 +151,16 @@ def test_a_dead_rank_stops_the_others_with_its_name_and_resume_continues(tmp_pat
     _resume_two_processes(data_root, json_file, out, tmp_path, ["SOLVER.CHECKPOINT_PERIOD", 2])
 
 
+def _two_processes(cmd):
+    """``cmd`` (python train_net.py --config-file FILE ...) with ``--num-gpus 2``."""
+    return cmd[:3] + ["--num-gpus", "2"] + cmd[3:]
+
+
 def _resume_two_processes(data_root, json_file, out, tmp_path, opts=()):
     """``--resume`` with 2 CPU processes runs to the end (model_final.pth)."""
-    cmd = _cmd(data_root, json_file, out, resume=True, extra=opts)
+    cmd = _two_processes(_cmd(data_root, json_file, out, resume=True, extra=opts))
     done = subprocess.run(
-        cmd[:3] + ["--num-gpus", "2"] + cmd[3:], cwd=ROOT, env=_env(tmp_path),
+        cmd, cwd=ROOT, env=_env(tmp_path),
         capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -33,19 +33,31 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$PY" -c "import torch,
   echo "[env] $VENV is up to date (Detectron2 $D2)"
 else
   # setuptools: torch 2.14 needs >= 77; detectron2 imports pkg_resources, gone in 81.
+  # uv installs the large wheels: it unpacks them in parallel into its cache (~/.cache/uv, or
+  # UV_CACHE_DIR) and links them into the virtualenv, so the second virtualenv (the other
+  # Detectron2) reuses the first one's torch. uv reads no pip configuration: wherever it fails
+  # (no PyPI, say), pip, which does, installs the same requirements instead.
   "$PY" -m pip install -q "setuptools>=77,<81" wheel
+  "$PY" -m pip install -q uv || echo "[env] uv is not installable here; pip installs everything"
+  install() {
+    if [ -x "$VENV/bin/uv" ] && "$VENV/bin/uv" pip install -q --python "$PY" "$@"; then return 0; fi
+    echo "[env] installing $* with pip"
+    "$PY" -m pip install -q --no-compile "$@"
+  }
   if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
-    echo "[env] installing torch 2.14.1 + torchvision 0.29.1 (about a minute)"
-    "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
+    echo "[env] installing torch 2.14.1 + torchvision 0.29.1"
+    install torch==2.14.1 torchvision==0.29.1
   fi
+  # Before Detectron2, which then finds most of its requirements installed.
+  echo "[env] installing cmrcnn_ext (editable) and its test tools"
+  install -e "$ROOT[test]"
   rc=0
-  "$PY" "$ROOT/tools/install_detectron2.py" "${D2_ARGS[@]}" || rc=$?
+  CMRCNN_UV="$([ -x "$VENV/bin/uv" ] && echo "$VENV/bin/uv" || true)" \
+    "$PY" "$ROOT/tools/install_detectron2.py" "${D2_ARGS[@]}" || rc=$?
   if [ "$rc" -ne 0 ]; then
     echo "[env] Detectron2 $D2 could not be installed into $VENV (exit code $rc)" >&2
     return "$rc" 2>/dev/null || exit "$rc"
   fi
-  echo "[env] installing cmrcnn_ext (editable) and its test tools"
-  "$PY" -m pip install -q -e "$ROOT[test]"
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

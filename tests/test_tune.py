@@ -228,7 +228,7 @@ def test_pruned_trial(tmp_path, data):
 def test_kill_and_resume_loses_nothing_and_runs_nothing_twice(tmp_path, data):
     space = _space(tmp_path, {"MODEL.ROI_BOX_HEAD.NUM_FC": {"choices": [1, 2, 3]}})
     study_dir = tmp_path / "study"
-    argv = _argv("run", data, space, study_dir, "--trials", 2, iters=30)
+    argv = _argv("run", data, space, study_dir, "--trials", 2, iters=8)
     proc = _proc(argv)
     # SIGKILL the study as soon as its second trial has started (its folder's log exists)
     log = study_dir / "trials" / "trial_0001" / "train_stdout.log"

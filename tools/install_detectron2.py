@@ -173,6 +173,16 @@ def installed_state():
 
 
 def _pip(*args):
+    """``pip ARGS`` in this Python. Where scripts/env.sh names a uv executable (``CMRCNN_UV``),
+    ``install`` goes through uv first (parallel downloads and unpacking); pip, which reads the
+    machine's pip configuration, takes over wherever uv fails."""
+    uv = os.environ.get("CMRCNN_UV")
+    if uv and args[0] == "install" and "--upgrade" not in args:
+        cmd = [uv, "pip", "install", "--python", sys.executable, *args[1:]]
+        print("+", " ".join(cmd), flush=True)
+        if subprocess.call(cmd) == 0:
+            return
+        print("uv could not install it; trying pip", flush=True)
     cmd = [sys.executable, "-m", "pip", *args]
     print("+", " ".join(cmd), flush=True)
     subprocess.check_call(cmd)

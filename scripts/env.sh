@@ -36,13 +36,15 @@ else
   # uv installs the large wheels: it unpacks them in parallel into its cache (~/.cache/uv, or
   # UV_CACHE_DIR) and links them into the virtualenv, so the second virtualenv (the other
   # Detectron2) reuses the first one's torch. uv reads no pip configuration: wherever it fails
-  # (no PyPI, say), pip, which does, installs the same requirements instead.
+  # (no PyPI, say), pip, which does, installs the same requirements instead. Both compile the
+  # bytecode at install: under PYTHONDONTWRITEBYTECODE=1 nothing else would, and every test
+  # process would compile torch's modules again.
   "$PY" -m pip install -q "setuptools>=77,<81" wheel
   "$PY" -m pip install -q uv || echo "[env] uv is not installable here; pip installs everything"
   install() {
-    if [ -x "$VENV/bin/uv" ] && "$VENV/bin/uv" pip install -q --python "$PY" "$@"; then return 0; fi
+    if [ -x "$VENV/bin/uv" ] && "$VENV/bin/uv" pip install -q --compile-bytecode --python "$PY" "$@"; then return 0; fi
     echo "[env] installing $* with pip"
-    "$PY" -m pip install -q --no-compile "$@"
+    "$PY" -m pip install -q "$@"
   }
   if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
     echo "[env] installing torch 2.14.1 + torchvision 0.29.1"

@@ -54,7 +54,7 @@ def test_uv_installs_into_this_python(monkeypatch, calls):
     monkeypatch.setenv("CMRCNN_UV", "/venv/bin/uv")
     installer._pip("install", "--no-build-isolation", "/src/d2")
     assert calls == [
-        ["/venv/bin/uv", "pip", "install", "--python", sys.executable]
+        ["/venv/bin/uv", "pip", "install", "--compile-bytecode", "--python", sys.executable]
         + ["--no-build-isolation", "/src/d2"]
     ]
 

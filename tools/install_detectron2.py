@@ -175,10 +175,12 @@ def installed_state():
 def _pip(*args):
     """``pip ARGS`` in this Python. Where scripts/env.sh names a uv executable (``CMRCNN_UV``),
     ``install`` goes through uv first (parallel downloads and unpacking); pip, which reads the
-    machine's pip configuration, takes over wherever uv fails."""
+    machine's pip configuration, takes over wherever uv fails. uv compiles the bytecode at
+    install, as pip does: under ``PYTHONDONTWRITEBYTECODE=1`` nothing else would, and every
+    process would compile the packages it imports again."""
     uv = os.environ.get("CMRCNN_UV")
     if uv and args[0] == "install" and "--upgrade" not in args:
-        cmd = [uv, "pip", "install", "--python", sys.executable, *args[1:]]
+        cmd = [uv, "pip", "install", "--compile-bytecode", "--python", sys.executable, *args[1:]]
         print("+", " ".join(cmd), flush=True)
         if subprocess.call(cmd) == 0:
             return

@@ -41,18 +41,22 @@ else
   # process would compile torch's modules again.
   "$PY" -m pip install -q "setuptools>=77,<81" wheel
   "$PY" -m pip install -q uv || echo "[env] uv is not installable here; pip installs everything"
-  install() {
-    if [ -x "$VENV/bin/uv" ] && "$VENV/bin/uv" pip install -q --compile-bytecode --python "$PY" "$@"; then return 0; fi
+  _cmrcnn_env_install() {
+    if [ -x "$VENV/bin/uv" ] &&
+      "$VENV/bin/uv" pip install -q --compile-bytecode --python "$PY" "$@"; then
+      return 0
+    fi
     echo "[env] installing $* with pip"
     "$PY" -m pip install -q "$@"
   }
   if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
     echo "[env] installing torch 2.14.1 + torchvision 0.29.1"
-    install torch==2.14.1 torchvision==0.29.1
+    _cmrcnn_env_install torch==2.14.1 torchvision==0.29.1
   fi
   # Before Detectron2, which then finds most of its requirements installed.
   echo "[env] installing cmrcnn_ext (editable) and its test tools"
-  install -e "$ROOT[test]"
+  _cmrcnn_env_install -e "$ROOT[test]"
+  unset -f _cmrcnn_env_install
   rc=0
   CMRCNN_UV="$([ -x "$VENV/bin/uv" ] && echo "$VENV/bin/uv" || true)" \
     "$PY" "$ROOT/tools/install_detectron2.py" "${D2_ARGS[@]}" || rc=$?

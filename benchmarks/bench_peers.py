@@ -4,13 +4,14 @@ torchvision's Mask R-CNN v2 (no cascade), Detectron2's built-in cascade and ours
 first, the last, or every stage with the mean merge).
 
     python benchmarks/bench_peers.py [--config r50|demo|FILE] [--iters 5] [--train-iters 3]
-        [--batch 1] [--threads N] [KEY VALUE ...]
+        [--batch 1] [--threads N] [--device cpu|cuda] [KEY VALUE ...]
 
 Printed per model: inference latency (batch 1, median and IQR over ``--iters`` timed runs after
 one warm-up; the models take turns on each image), training step (forward + backward + SGD step
 with lr 0, so every step does the same work; median over ``--train-iters`` after one warm-up)
 and the peak memory of each (the most the process's RSS rose above its level before the run),
-float32 throughout. Weights are random (seeded; the
+float32 throughout (on a GPU: TF32 as PyTorch's defaults set it, the same for every model;
+memory is CUDA ``max_memory_allocated`` above the allocation before the run). Weights are random (seeded; the
 Detectron2 models share theirs), ``SCORE_THRESH_TEST`` 0 and the same detections per image for
 every model (torchvision: ``box_score_thresh`` 0, ``box_detections_per_img``), so each runs its
 mask head on the same number of boxes; torchvision's RPN and ROI sampling take the config's
@@ -64,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1, help="training batch size")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (our models)")
     return p.parse_args(argv)
 
@@ -93,21 +95,23 @@ def torchvision_model(cfg, h, w):
     )
 
 
-def tv_inputs(item, bgr):
-    """torchvision's image (RGB, [0, 1]) and target from a Detectron2 dataset dict."""
+def tv_inputs(item, bgr, device="cpu"):
+    """torchvision's image (RGB, [0, 1]) and target from a Detectron2 dataset dict, on ``device``
+    (Detectron2's models move their inputs themselves; torchvision's do not)."""
     img = item["image"].flip(0) if bgr else item["image"]
     inst = item["instances"]
     target = {
-        "boxes": inst.gt_boxes.tensor,
-        "labels": inst.gt_classes + 1,
-        "masks": inst.gt_masks.tensor.to(torch.uint8),
+        "boxes": inst.gt_boxes.tensor.to(device),
+        "labels": (inst.gt_classes + 1).to(device),
+        "masks": inst.gt_masks.tensor.to(device, torch.uint8),
     }
-    return img / 255.0, target
+    return img.to(device) / 255.0, target
 
 
-def timed(fn):
+def timed(fn, device="cpu"):
+    """(fn(), seconds, peak memory above the start); on CUDA synchronised at both ends."""
     _trim_heap()
-    with MemoryMonitor("cpu") as mem:
+    with MemoryMonitor(device) as mem:
         start = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - start
@@ -126,20 +130,20 @@ def build(cfg, images, seed):
     last.eval()
     h, w = images[0]["image"].shape[-2:]
     torch.manual_seed(seed)
-    tv = torchvision_model(cfg, h, w).eval()
+    tv = torchvision_model(cfg, h, w).to(cfg.MODEL.DEVICE).eval()
     return {"tv": tv, "a": models["a"], "b": models["b"], "l": last, "c": models["c"]}
 
 
-def run(models, images, iters, train_iters, batch, bgr, lr_opts):
+def run(models, images, iters, train_iters, batch, bgr, lr_opts, device="cpu"):
     res = {k: {"lat": [], "ipeak": 0, "train": [], "tpeak": 0} for k in models}
     with torch.no_grad():
         for i in range(1 + iters):
             item = images[i % len(images)]
             for k, m in models.items():
                 if k == "tv":
-                    out, s, peak = timed(lambda: m([tv_inputs(item, bgr)[0]]))
+                    out, s, peak = timed(lambda: m([tv_inputs(item, bgr, device)[0]]), device)
                 else:
-                    out, s, peak = timed(lambda: m(infer_inputs(item)))
+                    out, s, peak = timed(lambda: m(infer_inputs(item)), device)
                 if i:
                     res[k]["lat"].append(s)
                     res[k]["ipeak"] = max(res[k]["ipeak"], peak)
@@ -157,7 +161,7 @@ def run(models, images, iters, train_iters, batch, bgr, lr_opts):
 
                     def step(k=k, m=m):
                         if k == "tv":
-                            imgs, targets = zip(*(tv_inputs(it, bgr) for it in items))
+                            imgs, targets = zip(*(tv_inputs(it, bgr, device) for it in items))
                             losses = m(list(imgs), list(targets))
                         else:
                             losses = m([dict(it) for it in items])
@@ -165,7 +169,7 @@ def run(models, images, iters, train_iters, batch, bgr, lr_opts):
                         sum(losses.values()).backward()
                         opts[k].step()
 
-                    _, s, peak = timed(step)
+                    _, s, peak = timed(step, device)
                     if i:
                         res[k]["train"].append(s)
                         res[k]["tpeak"] = max(res[k]["tpeak"], peak)
@@ -184,10 +188,13 @@ def iqr(xs):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
     ns = bench_inference.parse_args(
-        ["--config", args.config, "--seed", str(args.seed)] + list(args.opts)
+        ["--config", args.config, "--seed", str(args.seed), "--device", args.device]
+        + list(args.opts)
     )
     ns.score_thresh = 0.0
     cfg, path = load_cfg(ns)
@@ -202,10 +209,11 @@ def main(argv=None):
           f"{cfg.TEST.DETECTIONS_PER_IMAGE} detections per image (score threshold 0); float32")  # fmt: skip
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, detectron2 "
           f"{detectron2.__version__}; {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          "load average %.1f" % os.getloadavg()[0])  # fmt: skip
+          "load average %.1f" % os.getloadavg()[0]
+          + (f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))  # fmt: skip
     lr = {"lr": 0.0, "momentum": 0.9, "weight_decay": 1e-4}
     res = run(models, images, args.iters, args.train_iters, args.batch,
-              cfg.INPUT.FORMAT == "BGR", lr)  # fmt: skip
+              cfg.INPUT.FORMAT == "BGR", lr, args.device)  # fmt: skip
     base_i = statistics.median(res["a"]["lat"])
     base_t = statistics.median(res["a"]["train"])
     print(f"\n{'model':40}{'params M':>9}{'infer ms':>10}{'IQR':>17}{'vs D2':>7}{'+MiB':>7}"
@@ -220,7 +228,9 @@ def main(argv=None):
               f"{tr / base_t:6.2f}x{r['tpeak'] / 2**20:7.0f}")  # fmt: skip
     print(f"(inference: batch 1, {args.iters} timed runs; training: batch {args.batch}, "
           f"{args.train_iters} timed steps; 'vs D2': median / Detectron2's median; +MiB: the "
-          "most the process's RSS rose above its level before a run of the model)")  # fmt: skip
+          + ("most CUDA memory allocated above the allocation before a run of the model)"
+             if args.device == "cuda" else
+             "most the process's RSS rose above its level before a run of the model)"))  # fmt: skip
 
 
 if __name__ == "__main__":

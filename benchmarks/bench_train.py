@@ -2,7 +2,7 @@
 an older commit and Detectron2's built-in cascade, measured in one run.
 
     python benchmarks/bench_train.py [--config demo|r50|FILE] [--against 78ab4c2] [--d2]
-        [--rounds 4] [--steps 5] [--warmup 3] [--breakdown 5] [KEY VALUE ...]
+        [--device cpu|cuda] [--rounds 4] [--steps 5] [--warmup 3] [--breakdown 5] [KEY VALUE ...]
 
 Each compared model trains in its own worker process (the same trainer as ``train_net.py``:
 ``cmrcnn_ext.engine.Trainer``, its data loader, optimizer and, with ``SOLVER.AMP.ENABLED``,
@@ -24,6 +24,12 @@ with ``git archive``; the config is read from that tree). ``--d2`` adds Detectro
 the same config otherwise. ``--config r50`` trains ``cascade_mask_rcnn_R_50_FPN_1x.yaml`` from
 random weights on the embedded shapes data at the config's input size (800 px short side),
 batch 2 (the config's batch of 16 takes minutes per step on a 2-core CPU).
+
+``--device cuda`` trains on the GPU (``MODEL.DEVICE cuda``; with ``SOLVER.AMP.ENABLED``,
+Detectron2's ``AMPTrainer``: float16 autocast and a gradient scaler). Each timed step ends with
+``torch.cuda.synchronize()``, the peak is measured on the GPU (float32 under PyTorch's TF32
+setting, float16, bfloat16), the table adds each model's CUDA peak memory, and the per-part
+breakdown is not run (its profiler ranges time the CPU's kernel launches, not the GPU's work).
 """
 
 import argparse
@@ -55,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--config", default="demo", help="demo, r50 or a config file")
     p.add_argument("--against", default="", help="also time the package as of this commit")
     p.add_argument("--d2", action="store_true", help="also time Detectron2's built-in cascade")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument(
         "--compare",
         action="append",
@@ -97,7 +104,11 @@ def worker(args):
     storage = EventStorage(0).__enter__()
     inner.storage = storage
     amp = bool(cfg.SOLVER.AMP.ENABLED)
-    reply = {"ready": True, "device": str(cfg.MODEL.DEVICE), "amp": amp}
+    cuda = str(cfg.MODEL.DEVICE).startswith("cuda")
+    # the dtype the convolutions run in: Detectron2's AMPTrainer autocasts CUDA to float16, our
+    # Trainer the CPU to bfloat16
+    dtype = ("float16" if cuda else "bfloat16") if amp else "float32"
+    reply = {"ready": True, "device": str(cfg.MODEL.DEVICE), "amp": amp, "dtype": dtype}
     while True:
         print(json.dumps(reply), flush=True)
         cmd = sys.stdin.readline().split()
@@ -111,6 +122,8 @@ def worker(args):
 
                 start = time.perf_counter()
                 inner.run_step()
+                if cuda:  # the step's kernels, not only their launches
+                    torch.cuda.synchronize()
                 reply["seconds"].append(time.perf_counter() - start)
                 reply["loss"].append(storage.history("total_loss").latest())
                 storage.iter += 1
@@ -118,8 +131,11 @@ def worker(args):
             sys.path.insert(0, HERE)
             from train_parts import step_flops
 
-            train, infer = step_flops(inner, amp and cfg.MODEL.DEVICE == "cpu")
-            reply = {"train_flops": train, "infer_flops_per_image": infer}
+            autocast = ("cuda" if cuda else "cpu", getattr(torch, dtype)) if amp else None
+            # peak memory of the timed steps, read before the FLOP count's own step
+            mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+            train, infer = step_flops(inner, autocast)
+            reply = {"train_flops": train, "infer_flops_per_image": infer, "cuda_peak_mib": mib}
         elif cmd[0] == "breakdown":
             sys.path.insert(0, HERE)
             from train_parts import StepBreakdown
@@ -208,12 +224,17 @@ def main(argv=None):
     import torch
 
     sys.path.insert(0, HERE)
-    from train_parts import matmul_peak
+    from train_parts import cuda_matmul_peak, matmul_peak
 
     if args.threads:
         torch.set_num_threads(args.threads)
     name = CONFIGS.get(args.config, args.config)
     opts = (R50_OPTS if args.config == "r50" else []) + list(args.opts)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: CUDA is not available")
+        opts += ["MODEL.DEVICE", "cuda"]
+        args.breakdown = 0  # CPU-side profiler ranges; see the module docstring
     specs = []
     if args.against:
         specs.append((f"ours @ {args.against}", extract_tree(args.against), opts))
@@ -225,9 +246,17 @@ def main(argv=None):
     specs.append(("ours (this tree)", ROOT, opts))
 
     # {dtype: (GFLOP/s, matrix size)}
-    peak = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
-    print(f"config {name}, overrides {opts or '-'}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+    dtypes = ["float32", "bfloat16"] + (["float16"] if args.device == "cuda" else [])
+
+    def measure(dtype):
+        if args.device == "cuda":
+            return cuda_matmul_peak(getattr(torch, dtype))
+        return matmul_peak(getattr(torch, dtype))
+
+    peak = {k: measure(k) for k in dtypes}
+    where = (f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
+             if args.device == "cuda" else f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(f"config {name}, overrides {opts or '-'}; torch {torch.__version__}, {where}")
     workers = []
     try:
         for label, tree, o in specs:
@@ -248,30 +277,33 @@ def main(argv=None):
         for w in workers:
             w.close()
     for k in peak:  # the better of the two: a busy moment only lowers it
-        peak[k] = max(peak[k], matmul_peak(getattr(torch, k)), key=lambda rate_size: rate_size[0])
+        peak[k] = max(peak[k], measure(k), key=lambda rate_size: rate_size[0])
     report(workers, flops, peak, parts, args)
 
 
 def report(workers, flops, peak, parts, args):
-    print("matrix-multiply peak (best over 2 s, measured before and after the models): "
+    print("matrix-multiply peak (best of two measurements, before and after the models): "
           + ", ".join(f"{k} {rate:.1f} GFLOP/s ({n}^2)"
                       for k, (rate, n) in peak.items()))  # fmt: skip
     base = statistics.median(workers[0].seconds)
     print(f"\ntraining step: {args.rounds} rounds x {args.steps} iterations per model after "
           f"{args.warmup} warm-up; ratio = median / first row's median")  # fmt: skip
+    mem = any(flops[w.name].get("cuda_peak_mib") is not None for w in workers)
     print(f"{'model':32}{'s/iter':>9}{'IQR':>17}{'ratio':>8}{'train GFLOP':>13}"
-          f"{'GFLOP/s':>9}{'% peak':>8}{'infer GFLOP/img':>17}")  # fmt: skip
+          f"{'GFLOP/s':>9}{'% peak':>8}{'infer GFLOP/img':>17}"
+          + (f"{'CUDA peak MiB':>15}" if mem else ""))  # fmt: skip
     for w in workers:
         med = statistics.median(w.seconds)
         q1, _, q3 = quartiles(w.seconds)
         f = flops[w.name]
-        dtype = "bfloat16" if w.info.get("amp") else "float32"
+        dtype = w.info.get("dtype", "bfloat16" if w.info.get("amp") else "float32")
         rate = f["train_flops"] / med / 1e9
         print(f"{w.name:32}{med:9.3f}   {q1:6.3f} - {q3:6.3f}{med / base:7.2f}x"
               f"{f['train_flops'] / 1e9:13.1f}{rate:9.1f}{100 * rate / peak[dtype][0]:7.1f}%"
-              f"{f['infer_flops_per_image'] / 1e9:17.2f}")  # fmt: skip
+              f"{f['infer_flops_per_image'] / 1e9:17.2f}"
+              + (f"{f['cuda_peak_mib']:15.0f}" if mem else ""))  # fmt: skip
     print("(% peak: of the matrix-multiply peak of the dtype the convolutions run in: "
-          + ", ".join(f"{w.name}: {'bfloat16' if w.info.get('amp') else 'float32'}"
+          + ", ".join(f"{w.name}: {w.info.get('dtype', 'float32')}"
                       for w in workers) + ")")  # fmt: skip
     n = min(len(w.loss) for w in workers)
     print(f"\ntotal loss, iterations 1-{min(n, 20)} (same seed and images):")

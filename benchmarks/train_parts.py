@@ -11,7 +11,8 @@ machine's matrix-multiply peak.
 * :func:`step_flops` counts the floating-point operations of one training step (forward +
   backward) and of one inference with ``torch.utils.flop_counter.FlopCounterMode`` (two per
   multiply-add, the convention of :func:`matmul_peak`).
-* :func:`matmul_peak` measures the machine's GFLOP/s on large float32 / bfloat16 matrix products.
+* :func:`matmul_peak` measures the machine's GFLOP/s on large float32 / bfloat16 matrix products;
+  :func:`cuda_matmul_peak` the same on the current CUDA GPU.
 """
 
 import bisect
@@ -56,6 +57,32 @@ def matmul_peak(dtype, size=2048, seconds=2.0):
     return 2.0 * n**3 / best / 1e9, n
 
 
+def cuda_matmul_peak(dtype, n=8192, repeats=10, rounds=3):
+    """Best GFLOP/s of ``n`` x ``n`` matrix products in ``dtype`` on the current CUDA GPU.
+
+    Each round times ``repeats`` back-to-back products between CUDA events (after two untimed
+    warm-up products); the best round counts. float32 products follow PyTorch's TF32 setting
+    (``torch.backends.cuda.matmul.allow_tf32``), as the models' float32 products do.
+
+    Returns:
+        (GFLOP/s, n)
+    """
+    a = torch.randn(n, n, device="cuda").to(dtype)
+    b = torch.randn(n, n, device="cuda").to(dtype)
+    for _ in range(2):
+        torch.mm(a, b)
+    best = float("inf")
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / repeats)
+    return 2.0 * n**3 / best / 1e9, n
+
+
 def count_flops(fn):
     """FLOPs of ``fn()`` (forward and, if ``fn`` runs it, backward) by PyTorch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -68,10 +95,17 @@ def count_flops(fn):
 def step_flops(trainer, autocast):
     """(training-step FLOPs, inference FLOPs per image) of ``trainer.model`` on the trainer's next
     batch. The training count covers forward + backward (not the optimizer's elementwise update);
-    weights are not updated."""
+    weights are not updated.
+
+    Args:
+        trainer: a Detectron2 ``SimpleTrainer`` (or subclass).
+        autocast: ``(device_type, dtype)`` to count the step under ``torch.autocast`` (the
+            training precision), or None for plain float32. FLOPs do not depend on the dtype;
+            autocast only keeps the step's memory that of training.
+    """
     model = trainer.model
     batch = next(trainer._data_loader_iter)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else _nothing()
+    ctx = torch.autocast(autocast[0], dtype=autocast[1]) if autocast else _nothing()
 
     def train():
         with ctx:

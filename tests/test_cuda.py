@@ -71,10 +71,14 @@ def test_fast_roi_align_matches_torchvision_on_cuda(sampling_ratio):
     torch.testing.assert_close(got.detach().cpu(), cpu, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
 @pytest.mark.parametrize("fast", [False, True])
-def test_ours_equals_builtin_cascade_on_cuda(fast):
-    """MASK_STAGES=first == Detectron2's CascadeROIHeads on the GPU: losses, gradients, outputs."""
-    opts = ["MODEL.CMRCNN.MASK_STAGES", "first", "MODEL.CMRCNN.FAST_ROI_ALIGN", fast]
+def test_ours_equals_builtin_cascade_on_cuda(fast, sampling_ratio):
+    """MASK_STAGES=first == Detectron2's CascadeROIHeads on the GPU: losses, gradients, outputs.
+    Sampling ratio 0 (the R50 configs' adaptive grid) trains FAST_ROI_ALIGN's run-length path."""
+    opts = ["MODEL.CMRCNN.MASK_STAGES", "first", "MODEL.CMRCNN.FAST_ROI_ALIGN", fast,
+            "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO", sampling_ratio,
+            "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", sampling_ratio]  # fmt: skip
     ours = build_on("cuda", *opts)
     d2_cfg = tiny_cfg(
         "MODEL.DEVICE",

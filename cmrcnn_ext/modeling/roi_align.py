@@ -157,8 +157,10 @@ def _gather_bins_trainable(table, batch, iy, wy, ix, wx, count, h, w, sizes, kin
         )  # fmt: skip
         flat_idx.append(idx.reshape(-1))
         flat_w.append(weight.reshape(-1))
-        lengths.append(torch.full((idx.shape[0],), idx.shape[1], dtype=torch.long))
-        order.append((sel[:, None] * bins + torch.arange(bins)).reshape(-1))
+        lengths.append(
+            torch.full((idx.shape[0],), idx.shape[1], dtype=torch.long, device=idx.device)
+        )
+        order.append((sel[:, None] * bins + torch.arange(bins, device=sel.device)).reshape(-1))
     lengths = torch.cat(lengths)
     offsets = torch.cumsum(lengths, 0) - lengths
     got = _WeightedGather.apply(
@@ -192,7 +194,7 @@ class _WeightedGather(torch.autograd.Function):
         idx, lengths, weight = ctx.saved_tensors
         order = torch.argsort(idx)
         rows, counts = torch.unique_consecutive(idx[order], return_counts=True)
-        bag = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=idx.device), lengths)
         per_row = F.embedding_bag(
             bag[order],
             grad.contiguous(),

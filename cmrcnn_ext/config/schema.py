@@ -58,9 +58,10 @@ KEYS: Tuple[Key, ...] = (
         'probabilities (needs MASK_STAGES "all").'),
     # --- faster CPU/GPU code paths with Detectron2's results
     Key("MODEL.CMRCNN.FAST_ROI_ALIGN", False, _BOOL,
-        "Box and mask poolers' ROIAlign as a weighted gather on the CPU, forward and backward, "
-        "fixed or adaptive (POOLER_SAMPLING_RATIO 0) grid: torchvision's numbers up to float "
-        "rounding, faster; False = exactly Detectron2's poolers."),
+        "Box and mask poolers' ROIAlign as a weighted gather, forward and backward, fixed or "
+        "adaptive (POOLER_SAMPLING_RATIO 0) grid: torchvision's numbers up to float rounding, "
+        "faster on the CPU (on a GPU torchvision's kernel is faster: keep False there); False "
+        "= exactly Detectron2's poolers."),
     Key("MODEL.CMRCNN.CHANNELS_LAST_MASK_HEAD", False, _BOOL,
         "CPU float32 inference: mask head convolutions in channels-last layout and the deconv "
         "+ predictor as two matrix products: the same masks up to float rounding, faster; "

@@ -15,6 +15,8 @@ In one process, with one config, the same weights and the same images, it measur
   timers wrapped around the ROI heads' internals (each cascade stage's ``_run_stage`` and box
   pooler, ``_forward_box``, mask pooler, ``_forward_mask``);
 - training time per iteration (forward + backward + SGD step, median);
+- inference FLOPs per image and the GFLOP/s achieved, against the float32 matrix-multiply peak
+  measured in the same run;
 - peak memory: CUDA ``max_memory_allocated``; on the CPU the process RSS sampled every 2 ms
   during the timed runs (peak, and increase over the RSS just before the run);
 - that (a) and (b) give the same outputs: the same number of detections and classes, boxes
@@ -51,7 +53,13 @@ from bench_models import (
     make_images,
     set_detections,
 )
-from bench_report import print_breakdown, print_exported, print_inference, print_training
+from bench_report import (
+    print_breakdown,
+    print_exported,
+    print_hardware_use,
+    print_inference,
+    print_training,
+)
 from output_checker import OutputChecker
 
 
@@ -240,6 +248,7 @@ def main(argv=None):
     ok = checker.ok
     print_inference(res, f"inference, {h} x {w}, {dets} detections/image", args.device)
     med = print_breakdown(res)
+    print_hardware_use(models, images[0], res, args.device)
     if not args.no_export:
         print_exported(models, images, warmup, iters)
 

@@ -119,3 +119,24 @@ def test_matmul_peak_bounds_its_time_where_bfloat16_is_emulated():
         rate, n = train_parts.matmul_peak(dtype, seconds=0.5)
         assert time.perf_counter() - start < 30
         assert rate > 0 and n in (128, 256, 512, 1024, 2048)
+
+
+def test_inference_hardware_use_is_flops_over_median_time(capsys, monkeypatch):
+    """bench_inference's hardware table: FLOPs by torch's counter (2 per multiply-add), divided
+    by the median latency, as a share of the peak measured in the run (hand-computed case)."""
+    import bench_report
+    import torch
+
+    monkeypatch.setattr(train_parts, "matmul_peak", lambda dtype: (100.0, 128))
+
+    class OneProduct(torch.nn.Module):
+        def forward(self, inputs):  # 1000 x 1000 @ 1000 x 500: 2 * 1000 * 1000 * 500 = 1e9 FLOPs
+            return torch.mm(torch.ones(1000, 1000), torch.ones(1000, 500))
+
+    image = {"image": torch.zeros(3, 8, 8), "height": 8, "width": 8}
+    res = {"a": {"lat": [0.4, 0.5, 0.9]}}  # median 0.5 s -> 2.0 GFLOP/s -> 2.0% of 100
+    bench_report.print_hardware_use({"a": OneProduct()}, image, res, "cpu")
+    out = capsys.readouterr().out
+    assert "peak here: 100.0 GFLOP/s" in out
+    row = [ln for ln in out.splitlines() if ln.startswith(bench_report.MODEL_NAMES["a"])][0]
+    assert row.split()[-4:] == ["500.0", "1.00", "2.0", "2.0%"], row

@@ -155,21 +155,15 @@ def print_training(res, batch_size, device, warmup):
         )
 
 
-# ----------------------------------------------------------------------------- main
-
-
 def print_hardware_use(models, image, res, device):
     """Inference FLOPs per image of each model (``torch.utils.flop_counter``, 2 per multiply-add,
     on ``image``), the GFLOP/s its median latency achieves, and that rate as a share of the
     float32 matrix-multiply peak measured here (on CUDA under PyTorch's TF32 setting for matrix
     products; cuDNN's convolutions may use TF32 regardless, so the share can exceed what plain
     float32 allows)."""
-    from train_parts import count_flops, cuda_matmul_peak, matmul_peak
+    from train_parts import count_flops, device_matmul_peak
 
-    if device == "cuda":
-        peak, n = cuda_matmul_peak(torch.float32)
-    else:
-        peak, n = matmul_peak(torch.float32)
+    peak, n = device_matmul_peak(torch.float32, device)
     print(f"\nhardware use (float32 matrix-multiply peak here: {peak:.1f} GFLOP/s, {n}^2 products)")
     print(f"{'model':<28}{'median ms':>10}{'GFLOP/img':>11}{'GFLOP/s':>10}{'% peak':>8}")
     for k, m in models.items():
@@ -181,3 +175,6 @@ def print_hardware_use(models, image, res, device):
             f"{MODEL_NAMES[k]:<28}{_ms(med):>10}{flops / 1e9:11.2f}{rate:10.1f}"
             f"{100 * rate / peak:7.1f}%"
         )
+
+
+# ----------------------------------------------------------------------------- main

@@ -224,7 +224,7 @@ def main(argv=None):
     import torch
 
     sys.path.insert(0, HERE)
-    from train_parts import cuda_matmul_peak, matmul_peak
+    from train_parts import device_matmul_peak
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -249,9 +249,7 @@ def main(argv=None):
     dtypes = ["float32", "bfloat16"] + (["float16"] if args.device == "cuda" else [])
 
     def measure(dtype):
-        if args.device == "cuda":
-            return cuda_matmul_peak(getattr(torch, dtype))
-        return matmul_peak(getattr(torch, dtype))
+        return device_matmul_peak(getattr(torch, dtype), args.device)
 
     peak = {k: measure(k) for k in dtypes}
     where = (f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"

@@ -83,6 +83,13 @@ def cuda_matmul_peak(dtype, n=8192, repeats=10, rounds=3):
     return 2.0 * n**3 / best / 1e9, n
 
 
+def device_matmul_peak(dtype, device):
+    """:func:`cuda_matmul_peak` on ``device`` "cuda", else :func:`matmul_peak`: (GFLOP/s, n)."""
+    if device == "cuda":
+        return cuda_matmul_peak(dtype)
+    return matmul_peak(dtype)
+
+
 def count_flops(fn):
     """FLOPs of ``fn()`` (forward and, if ``fn`` runs it, backward) by PyTorch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -34,8 +34,8 @@ DEMO_CONFIG = "cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml"  # packaged (cmrcnn_
 #: machine, command of each run). float32 is what a CPU without native bfloat16 gets.
 REFERENCE_RUNS = {
     "bfloat16": (
-        "box / mask AP 52.9 / 53.2 with SEED 0 (SEED 1: 57.0 / 55.7, SEED 2: 57.3 / 55.5), "
-        "in 551-685 s on 2-core CPUs with AVX512-BF16 (docs/demo.md)"
+        "box / mask AP 55.9 / 54.7 with SEED 0 (SEED 1: 53.3 / 51.4, SEED 2: 53.3 / 52.2), "
+        "in 461-481 s on a 2-core CPU with AVX512-BF16 (docs/demo.md)"
     ),
     "float32": (
         "box / mask AP 53.4 / 53.3 with SEED 0 in float32 on 2 threads (56.4 / 55.6 on 1 "

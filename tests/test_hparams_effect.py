@@ -46,11 +46,12 @@ def test_box_head_conv_and_fc_counts_in_every_stage(num_conv, num_fc):
     model = build({"MODEL.ROI_BOX_HEAD.NUM_CONV": num_conv, "MODEL.ROI_BOX_HEAD.NUM_FC": num_fc})
     heads = model.roi_heads.box_head
     assert len(heads) == 3
+    channels = model.backbone.output_shape()["p2"].channels  # MODEL.FPN.OUT_CHANNELS
     for head in heads:
         assert sum(isinstance(m, nn.Conv2d) for m in head.modules()) == num_conv
         assert sum(isinstance(m, nn.Linear) for m in head.modules()) == num_fc
         assert (len(head.conv_norm_relus), len(head.fcs)) == (num_conv, num_fc)
-        out = head(torch.zeros(2, 128, 7, 7))
+        out = head(torch.zeros(2, channels, 7, 7))
         assert out.shape == ((2, 256) if num_fc else (2, 256, 7, 7))  # FC_DIM / CONV_DIM
 
 
@@ -135,8 +136,9 @@ def test_pooler_resolutions_set_pooled_shapes():
     with torch.no_grad():
         (out,) = model(make_batch(1, size=128, with_gt=False))
     assert len(out["instances"]) > 0
-    assert len(box) == 3 and all(t.shape[1:] == (128, 5, 5) for t in box)  # one per stage
-    assert len(mask) == 1 and mask[0].shape[1:] == (128, 9, 9)
+    channels = model.backbone.output_shape()["p2"].channels  # MODEL.FPN.OUT_CHANNELS
+    assert len(box) == 3 and all(t.shape[1:] == (channels, 5, 5) for t in box)  # one per stage
+    assert len(mask) == 1 and mask[0].shape[1:] == (channels, 9, 9)
 
 
 def test_sampling_ratio_reaches_roialign_and_changes_output():

@@ -294,14 +294,14 @@ def report(workers, flops, peak, parts, args):
         med = statistics.median(w.seconds)
         q1, _, q3 = quartiles(w.seconds)
         f = flops[w.name]
-        dtype = w.info.get("dtype", "bfloat16" if w.info.get("amp") else "float32")
+        dtype = w.info["dtype"]  # every worker runs this file's worker(), which sends it
         rate = f["train_flops"] / med / 1e9
         print(f"{w.name:32}{med:9.3f}   {q1:6.3f} - {q3:6.3f}{med / base:7.2f}x"
               f"{f['train_flops'] / 1e9:13.1f}{rate:9.1f}{100 * rate / peak[dtype][0]:7.1f}%"
               f"{f['infer_flops_per_image'] / 1e9:17.2f}"
               + (f"{f['cuda_peak_mib']:15.0f}" if mem else ""))  # fmt: skip
     print("(% peak: of the matrix-multiply peak of the dtype the convolutions run in: "
-          + ", ".join(f"{w.name}: {w.info.get('dtype', 'float32')}"
+          + ", ".join(f"{w.name}: {w.info['dtype']}"
                       for w in workers) + ")")  # fmt: skip
     n = min(len(w.loss) for w in workers)
     print(f"\ntotal loss, iterations 1-{min(n, 20)} (same seed and images):")

@@ -35,3 +35,16 @@ def test_demo_quotes_the_reference_run_of_the_precision_it_trains_in(monkeypatch
     line = demo.reference_run(cfg)
     assert line == demo.REFERENCE_RUNS["bfloat16" if native else "float32"]
     assert ("in float32" in line) != native
+
+
+def test_demo_on_a_gpu_quotes_no_cpu_reference_as_its_own(monkeypatch):
+    import torch
+
+    from cmrcnn_ext.config import setup_cfg
+
+    # config only (no model is built); setup_cfg would fall back to the CPU without CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = setup_cfg(demo.DEMO_CONFIG, ["MODEL.DEVICE", "cuda"])
+    assert demo.precision_opts(demo.DEMO_CONFIG, ["MODEL.DEVICE", "cuda"]) == []
+    assert demo.reference_run(cfg) == demo.REFERENCE_RUNS["gpu"]
+    assert "float16" in demo.reference_run(cfg)

@@ -112,8 +112,7 @@ def reference_run(cfg):
     """The line of :data:`REFERENCE_RUNS` for the device and precision ``cfg`` trains in."""
     if cfg.MODEL.DEVICE != "cpu":
         return REFERENCE_RUNS["gpu"]
-    bf16 = cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu"
-    return REFERENCE_RUNS["bfloat16" if bf16 else "float32"]
+    return REFERENCE_RUNS["bfloat16" if cfg.SOLVER.AMP.ENABLED else "float32"]
 
 
 class _EvalTimer(HookBase):

@@ -4,6 +4,7 @@
     python benchmarks/ablation.py [--only NAME ...] [--seeds N ...] [--iters N] \\
         [--output output/ablation] [KEY VALUE ...]
     python benchmarks/ablation.py --seeds 0 1 2 --report   # table from the runs already trained
+    python benchmarks/ablation.py --seeds 0 1 2 --eval-on cmrcnn_shapes_holdout  # re-evaluate
 
 Trains the demo config (same seed, data and iterations) with:
 
@@ -17,7 +18,9 @@ and prints one Markdown table: box AP, mask AP, train s/iter, inference s/image.
 table gives the mean over the seeds, the spread (max - min) and each seed's value. Each
 variant's rows are saved in ``<output>/seed<N>/<variant>/ablation_rows.json`` as soon as it
 finishes, so variants and seeds can be trained in separate processes (``--only``, ``--seeds``)
-and collected with ``--report``. By default
+and collected with ``--report``. ``--eval-on DATASET`` evaluates the trained variants' final
+weights on another data set (no training; rows in ``ablation_rows_<DATASET>.json``, reported
+with ``--report --eval-on DATASET``). By default
 the demo's own iterations and LR steps are used; ``--iters N`` scales the steps with N.
 Inference s/image is the time of ``Trainer.test`` (inference + COCO evaluation) over the
 held-out images, divided by their number.
@@ -31,6 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -114,8 +118,55 @@ def run_variant(name, overrides, merges, seed, args):
     return rows
 
 
-def collect(output, seeds):
+def _rows_file(dataset):
+    """Where a variant's rows are saved: the config's own test split, or ``--eval-on``'s."""
+    return f"ablation_rows_{dataset}.json" if dataset else "ablation_rows.json"
+
+
+def reevaluate(name, overrides, merges, seed, args):
+    """Evaluates a trained variant's ``model_final.pth`` on ``args.eval_on``, no training.
+
+    The train s/iter is the one saved with the variant's own evaluation. Rows go to
+    ``ablation_rows_<data set>.json`` next to the model.
+    """
+    out = _variant_dir(args.output, seed, name)
+    weights = os.path.join(out, "model_final.pth")
+    saved = os.path.join(out, _rows_file(None))
+    if not (os.path.isfile(weights) and os.path.isfile(saved)):
+        print(f"[ablation] {name}, SEED {seed}: not trained under {out}; skipped", flush=True)
+        return []
+    with open(saved) as f:
+        trained = json.load(f)
+    opts = list(args.opts) + overrides + ["SEED", seed, "OUTPUT_DIR", out]
+    opts += precision_opts(args.config_file, [str(o) for o in opts])
+    opts += ["MODEL.WEIGHTS", weights, "DATASETS.TEST", f"('{args.eval_on}',)"]
+    cfg = setup_cfg(args.config_file, [str(o) for o in opts])
+    model = Trainer.build_model(cfg)
+    DetectionCheckpointer(model).load(weights)
+    model.eval()
+    n_images = len(DatasetCatalog.get(args.eval_on))
+    rows = []
+    for label, merge in (merges or {"": None}).items():
+        if merge is not None:
+            model.roi_heads.test_mask_merge = merge
+        t0 = time.perf_counter()
+        res = Trainer.test(cfg, model)
+        s_img = (time.perf_counter() - t0) / n_images
+        full = f"{name}, test merge {label}" if label else name
+        s_iter = next(r[3] for r in trained["rows"] if r[0] == full)
+        rows.append((full, res["bbox"]["AP"], res["segm"]["AP"], s_iter, s_img))
+    with open(os.path.join(out, _rows_file(args.eval_on)), "w") as f:
+        json.dump({"iters": trained["iters"], "rows": rows}, f, indent=1)
+    return rows
+
+
+def collect(output, seeds, dataset=None):
     """Rows saved by finished runs, in VARIANTS order, and their iteration counts.
+
+    Args:
+        output: the ablation's output folder.
+        seeds: the SEED values to collect.
+        dataset: ``--eval-on``'s data set, or None for the config's own test split.
 
     Returns:
         ({row name: {seed: (box AP, mask AP, s/iter, s/image)}}, set of iteration counts).
@@ -123,7 +174,7 @@ def collect(output, seeds):
     rows, iters = {}, set()
     for name, _, _ in VARIANTS:
         for seed in seeds:
-            path = os.path.join(_variant_dir(output, seed, name), "ablation_rows.json")
+            path = os.path.join(_variant_dir(output, seed, name), _rows_file(dataset))
             if not os.path.exists(path):
                 continue
             with open(path) as f:
@@ -178,21 +229,29 @@ def main(argv=None):
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="SEED values")
     parser.add_argument("--report", action="store_true", help="only print the saved results")
+    parser.add_argument(
+        "--eval-on",
+        metavar="DATASET",
+        help="evaluate the trained variants on this data set instead of training them "
+        "(e.g. cmrcnn_shapes_holdout: 200 more held-out images)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     setup_logger(name="cmrcnn_ext")
     if not args.report:
+        step = reevaluate if args.eval_on else run_variant
         for seed in args.seeds:
             for name, overrides, merges in VARIANTS:
                 if _selected(name, args.only):
                     print(f"[ablation] {name}, SEED {seed}", flush=True)
-                    run_variant(name, overrides, merges, seed, args)
-    rows, iters = collect(args.output, args.seeds)
+                    step(name, overrides, merges, seed, args)
+    rows, iters = collect(args.output, args.seeds, args.eval_on)
     if not rows:
         raise SystemExit(f"no finished variant under {args.output}: run without --report first")
     its = ", ".join(str(i) for i in sorted(iters))
     seeds = ", ".join(map(str, args.seeds))
-    print(f"\nDemo config, {its} iterations, SEED {seeds}, held-out split (COCO AP@[.5:.95])\n")
+    split = args.eval_on or "held-out split"
+    print(f"\nDemo config, {its} iterations, SEED {seeds}, {split} (COCO AP@[.5:.95])\n")
     print(table(rows, args.seeds))
 
 

@@ -84,3 +84,57 @@ def test_only_selects_by_exact_name_or_else_by_substring():
         "ours all, weights 1/0.5/0.25",
     ]
     assert all(ablation._selected(n, None) for n in names)
+
+
+def test_eval_on_reevaluates_the_saved_weights_without_training(monkeypatch, tmp_path):
+    """--eval-on: the variant's config and final weights, evaluated on the named data set once
+    per test-time merge mode; the train s/iter is carried over from the variant's own rows."""
+    import torch
+    from detectron2.data import DatasetCatalog
+
+    import cmrcnn_ext.apps.demo as demo
+    from cmrcnn_ext.config import setup_cfg
+
+    dataset = "test_ablation_eval_on"
+    DatasetCatalog.register(dataset, lambda: [{"image_id": i} for i in range(4)])
+    monkeypatch.setattr(demo, "native_bf16", lambda: True)
+    out = str(tmp_path)
+    name = "ours all"
+    folder = ablation._variant_dir(out, 1, name)
+    trained_rows = [["ours all, test merge last", 50.0, 51.0, 0.38, 0.1]]
+    trained_rows.append(["ours all, test merge mean", 50.0, 52.0, 0.38, 0.1])
+    _save(out, 1, name, 1400, trained_rows)
+    cfg = setup_cfg(ablation.DEMO_CONFIG, ["MODEL.CMRCNN.MASK_STAGES", "all"])
+    torch.manual_seed(3)
+    saved = ablation.Trainer.build_model(cfg).state_dict()
+    torch.save({"model": saved}, os.path.join(folder, "model_final.pth"))
+
+    calls = []
+
+    def fake_test(cfg, model):
+        state = model.state_dict()
+        same = all(torch.equal(state[k], v) for k, v in saved.items())
+        calls.append((tuple(cfg.DATASETS.TEST), cfg.MODEL.CMRCNN.MASK_STAGES, same, model.training))
+        merge = model.roi_heads.test_mask_merge
+        return {"bbox": {"AP": 40.0}, "segm": {"AP": {"last": 41.0, "mean": 42.0}[merge]}}
+
+    monkeypatch.setattr(ablation.Trainer, "test", staticmethod(fake_test))
+    ns = SimpleNamespace(
+        output=out, config_file=ablation.DEMO_CONFIG, opts=[], eval_on=dataset, iters=0
+    )
+    try:
+        overrides, merges = {n: (o, m) for n, o, m in ablation.VARIANTS}[name]
+        rows = ablation.reevaluate(name, overrides, merges, 1, ns)
+        # not trained for SEED 0: skipped, nothing written
+        assert ablation.reevaluate(name, overrides, merges, 0, ns) == []
+    finally:
+        DatasetCatalog.remove(dataset)
+    assert calls == [((dataset,), "all", True, False)] * 2
+    assert [r[:4] for r in rows] == [
+        ("ours all, test merge last", 40.0, 41.0, 0.38),
+        ("ours all, test merge mean", 40.0, 42.0, 0.38),
+    ]
+    got, iters = ablation.collect(out, [0, 1], dataset)
+    assert iters == {1400} and got["ours all, test merge mean"][1][:3] == (40.0, 42.0, 0.38)
+    own, _ = ablation.collect(out, [0, 1])  # the variant's own rows are left as they were
+    assert own["ours all, test merge mean"][1][:2] == (50.0, 52.0)

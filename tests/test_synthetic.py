@@ -146,3 +146,53 @@ def test_ensure_and_register(tmp_path):
         for name in names:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
+
+
+def test_holdout_split_is_separate_and_registered_only_when_named(tmp_path, monkeypatch):
+    """``cmrcnn_shapes_holdout``: 200 images from seed + 2000, none equal to a val image, and
+    generated only when a config names it."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    root = str(tmp_path / "root")
+    synthetic.ensure_synthetic_dataset(root, num_train=2, num_val=3, seed=5, image_size=64)
+    monkeypatch.setattr(synthetic, "HOLDOUT_IMAGES", 4)  # 200 in use; 4 keep the test quick
+    prefix = f"test_holdout_{uuid.uuid4().hex[:8]}"
+    name = synthetic.register_holdout_split(root, seed=5, image_size=64, prefix=prefix)
+    try:
+        assert name == f"{prefix}_holdout"
+        with open(os.path.join(root, "holdout.json")) as f:
+            info = json.load(f)["info"]
+        assert (info["seed"], info["num_images"]) == (5 + 2000, 4)
+        assert MetadataCatalog.get(name).thing_classes == CLASS_NAMES
+        dicts = DatasetCatalog.get(name)
+        assert len(dicts) == 4 and all(os.path.isfile(d["file_name"]) for d in dicts)
+        held = set(_image_bytes(root, "holdout").values())
+        assert not held & set(_image_bytes(root, "val").values())
+        assert not held & set(_image_bytes(root, "train").values())
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_project_datasets_generate_the_holdout_split_only_when_named(tmp_path, monkeypatch):
+    from detectron2.data import DatasetCatalog
+
+    from cmrcnn_ext.data import register as register_mod
+
+    made = []
+    monkeypatch.setattr(synthetic, "register_synthetic_dataset", lambda prefix: None)
+    monkeypatch.setattr(synthetic, "register_holdout_split", lambda prefix: made.append(prefix))
+    from detectron2.config import get_cfg
+
+    from cmrcnn_ext.config import add_cmrcnn_config
+
+    cfg = get_cfg()
+    add_cmrcnn_config(cfg)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("cmrcnn_shapes_train",), ("cmrcnn_shapes_val",)
+    register_mod.register_project_datasets(cfg)
+    assert made == []
+    cfg.DATASETS.TEST = ("cmrcnn_shapes_val", "cmrcnn_shapes_holdout")
+    register_mod.register_project_datasets(cfg)
+    assert made == ["cmrcnn_shapes"]
+    assert "cmrcnn_shapes_holdout" not in DatasetCatalog.list()  # the stub registered nothing

@@ -127,7 +127,7 @@ def register_project_datasets(cfg):
     """Register the data sets ``cfg`` uses; set ``NUM_CLASSES`` and ``CLASS_NAMES`` from them.
 
     - Names starting with ``cmrcnn_shapes`` register the synthetic data set (generated and
-      cached on first use).
+      cached on first use): ``_train``, ``_val`` and, when named, the 200-image ``_holdout``.
     - ``DATASETS.CMRCNN.TRAIN_JSON`` / ``VAL_JSON`` (``train_net.py``'s ``--train-json`` /
       ``--val-json``) register the user's COCO files as ``user_train`` / ``user_val`` and make them
       ``DATASETS.TRAIN`` / ``DATASETS.TEST``. Both files are checked (``cmrcnn_ext.data.coco``),
@@ -207,9 +207,15 @@ def register_project_datasets(cfg):
         cfg.DATASETS.TEST = ()
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     if any(n.startswith(SYNTHETIC_PREFIX) for n in names):
-        from cmrcnn_ext.data.synthetic import CLASS_NAMES, register_synthetic_dataset
+        from cmrcnn_ext.data.synthetic import (
+            CLASS_NAMES,
+            register_holdout_split,
+            register_synthetic_dataset,
+        )
 
         register_synthetic_dataset(prefix=SYNTHETIC_PREFIX)
+        if f"{SYNTHETIC_PREFIX}_holdout" in names:  # generated only when asked for
+            register_holdout_split(prefix=SYNTHETIC_PREFIX)
         _set_class_names(cfg, CLASS_NAMES, "the synthetic shapes data set")
     return cfg
 

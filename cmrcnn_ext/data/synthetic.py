@@ -18,6 +18,7 @@ import math
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -155,6 +156,17 @@ def _mask_annotation(mask):
     }
 
 
+def _save_png(image, path):
+    """Writes ``image`` to ``path`` atomically, as PNG without compression.
+
+    Uncompressed: the noisy images compress to only ~0.7x, and an uncompressed PNG decodes ~4x
+    faster (0.3 against 1.3 ms per 256 px image), which the training loader does twice a step.
+    """
+    tmp = f"{path}.{os.getpid()}.tmp"  # per-process name: safe if several ranks generate
+    Image.fromarray(image).save(tmp, format="PNG", compress_level=0)
+    os.replace(tmp, path)
+
+
 def generate_dataset(out_dir, num_images, seed, image_size=256, split_name="train"):
     """Generates (or reuses from cache) one split of the synthetic dataset.
 
@@ -193,22 +205,25 @@ def generate_dataset(out_dir, num_images, seed, image_size=256, split_name="trai
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     images, annotations, names = [], [], set()
-    for index in tqdm(range(num_images), desc=f"shapes/{split_name}", disable=None):
-        image, instances = _render_image(rng, image_size)
-        file_name = f"{index:06d}.png"
-        names.add(file_name)
-        path = os.path.join(image_dir, file_name)
-        tmp = f"{path}.{os.getpid()}.tmp"  # per-process name: safe if several ranks generate
-        Image.fromarray(image).save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, path)
-        images.append(
-            {"id": index + 1, "file_name": file_name, "width": image_size, "height": image_size}
-        )
-        for cat_id, visible in instances:
-            ann = {"id": len(annotations) + 1, "image_id": index + 1, "category_id": cat_id}
-            ann.update(_mask_annotation(visible))
-            ann["iscrowd"] = 0
-            annotations.append(ann)
+    # One writer thread encodes image i while image i + 1 is rendered (PIL's encoder releases
+    # the GIL). The rendering stays in this thread: the images are drawn from one RNG in order.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = []
+        for index in tqdm(range(num_images), desc=f"shapes/{split_name}", disable=None):
+            image, instances = _render_image(rng, image_size)
+            file_name = f"{index:06d}.png"
+            names.add(file_name)
+            pending.append(writer.submit(_save_png, image, os.path.join(image_dir, file_name)))
+            images.append(
+                {"id": index + 1, "file_name": file_name, "width": image_size, "height": image_size}
+            )
+            for cat_id, visible in instances:
+                ann = {"id": len(annotations) + 1, "image_id": index + 1, "category_id": cat_id}
+                ann.update(_mask_annotation(visible))
+                ann["iscrowd"] = 0
+                annotations.append(ann)
+        for done in pending:
+            done.result()  # an image that could not be written stops here, before the JSON
     for stale in os.listdir(image_dir):  # images left over from a larger previous run
         if _IMAGE_NAME_RE.match(stale) and stale not in names:
             os.remove(os.path.join(image_dir, stale))
@@ -253,6 +268,44 @@ def ensure_synthetic_dataset(root=None, num_train=600, num_val=60, seed=0, image
         json_path = generate_dataset(root, num, split_seed, image_size, split_name=split)
         splits[split] = (json_path, os.path.join(root, split))
     return splits
+
+
+#: The extra held-out split: images and seed offset (train: ``seed``, val: ``seed + 1000``).
+HOLDOUT_IMAGES, HOLDOUT_SEED_OFFSET = 200, 2000
+
+
+def register_holdout_split(root=None, seed=0, image_size=256, prefix="cmrcnn_shapes"):
+    """Generates (once) and registers ``<prefix>_holdout``: 200 more held-out images.
+
+    The demo is evaluated on the 60 images of ``<prefix>_val``, the benchmark. This split is
+    drawn from the same generator with another seed (``seed + 2000``; no image in common with
+    train or val), for what the benchmark split should not be used for: choosing test-time
+    settings, and telling how much of a difference between two runs is the 60 images' sampling
+    noise. It is generated only when a config names it (~3 s).
+
+    Args:
+        root: see :func:`ensure_synthetic_dataset`.
+        seed: base seed, the one the train split was generated with.
+        image_size: side of the square images in pixels.
+        prefix: prefix of the registered data set name.
+
+    Returns:
+        str: the registered name.
+    """
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    if root is None:
+        root = os.environ.get("CMRCNN_DATA", "datasets/cmrcnn_shapes")
+    name = f"{prefix}_holdout"
+    if name in DatasetCatalog.list():
+        return name
+    json_path = generate_dataset(
+        root, HOLDOUT_IMAGES, seed + HOLDOUT_SEED_OFFSET, image_size, split_name="holdout"
+    )
+    image_root = os.path.join(root, "holdout")
+    register_coco_instances(name, {"thing_classes": list(CLASS_NAMES)}, json_path, image_root)
+    return name
 
 
 def register_synthetic_dataset(

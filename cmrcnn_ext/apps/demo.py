@@ -35,7 +35,8 @@ DEMO_CONFIG = "cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml"  # packaged (cmrcnn_
 REFERENCE_RUNS = {
     "bfloat16": (
         "box / mask AP 55.9 / 54.7 with SEED 0 (SEED 1: 53.3 / 51.4, SEED 2: 53.3 / 52.2), "
-        "in 461-481 s on a 2-core CPU with AVX512-BF16 (docs/demo.md)"
+        "in 375-481 s (0.26-0.33 s per iteration, depending on the host) on a 2-core CPU with "
+        "AVX512-BF16 (docs/demo.md)"
     ),
     "float32": (
         "box / mask AP 55.9 / 54.9 with SEED 0 in float32 on 2 threads, in 588 s on a 2-core "

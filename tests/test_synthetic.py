@@ -196,3 +196,21 @@ def test_project_datasets_generate_the_holdout_split_only_when_named(tmp_path, m
     register_mod.register_project_datasets(cfg)
     assert made == ["cmrcnn_shapes"]
     assert "cmrcnn_shapes_holdout" not in DatasetCatalog.list()  # the stub registered nothing
+
+
+def test_an_image_that_cannot_be_written_stops_generation_before_the_json(tmp_path, monkeypatch):
+    """The writer thread's error reaches the caller, and no JSON or cache stamp claims a split
+    whose images are missing."""
+    real = synthetic._save_png
+
+    def failing(image, path):
+        if path.endswith("000002.png"):
+            raise OSError(28, "No space left on device")
+        real(image, path)
+
+    monkeypatch.setattr(synthetic, "_save_png", failing)
+    out_dir = str(tmp_path / "shapes")
+    with pytest.raises(OSError, match="No space left"):
+        generate_dataset(out_dir, 12, seed=0, image_size=64)
+    assert not os.path.exists(os.path.join(out_dir, "train.json"))
+    assert not os.path.exists(os.path.join(out_dir, "train.done"))

@@ -214,6 +214,8 @@ def generate_dataset(out_dir, num_images, seed, image_size=256, split_name="trai
             file_name = f"{index:06d}.png"
             names.add(file_name)
             pending.append(writer.submit(_save_png, image, os.path.join(image_dir, file_name)))
+            if len(pending) > 4:  # a slow disk: wait rather than queue every image in memory;
+                pending.pop(0).result()  # a write error stops the loop here
             images.append(
                 {"id": index + 1, "file_name": file_name, "width": image_size, "height": image_size}
             )
@@ -223,7 +225,7 @@ def generate_dataset(out_dir, num_images, seed, image_size=256, split_name="trai
                 ann["iscrowd"] = 0
                 annotations.append(ann)
         for done in pending:
-            done.result()  # an image that could not be written stops here, before the JSON
+            done.result()  # the last images are on disk before the JSON is written
     for stale in os.listdir(image_dir):  # images left over from a larger previous run
         if _IMAGE_NAME_RE.match(stale) and stale not in names:
             os.remove(os.path.join(image_dir, stale))

@@ -52,7 +52,8 @@ def test_box_head_conv_and_fc_counts_in_every_stage(num_conv, num_fc):
         assert sum(isinstance(m, nn.Linear) for m in head.modules()) == num_fc
         assert (len(head.conv_norm_relus), len(head.fcs)) == (num_conv, num_fc)
         out = head(torch.zeros(2, channels, 7, 7))
-        assert out.shape == ((2, 256) if num_fc else (2, 256, 7, 7))  # FC_DIM / CONV_DIM
+        dims = tiny_cfg().MODEL.ROI_BOX_HEAD  # FC_DIM after fully connected layers, else CONV_DIM
+        assert out.shape == ((2, dims.FC_DIM) if num_fc else (2, dims.CONV_DIM, 7, 7))
 
 
 @pytest.mark.parametrize("freeze_at", [0, 1, 2, 3, 4, 5])

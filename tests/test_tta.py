@@ -24,14 +24,17 @@ def _model(mask_stages, merge, *opts):
     Detectron2 initialises the box classifiers with std 0.01, so every class scores ~1/6 and a
     threshold keeps all or nothing; a wider seeded init spreads the scores so that
     SCORE_THRESH_TEST 0.4 keeps a moderate number of detections per image. The threshold is
-    calibrated for 128-channel FPN features (the score spread depends on the features'
-    scale), so the widths are set here rather than taken from the demo config.
+    calibrated for 128-channel FPN features and a 256-wide box head (the score spread depends
+    on the features' scale and the classifier's input width), so the widths are set here rather
+    than taken from the demo config.
     """
     cfg = tiny_cfg(
         "MODEL.FPN.OUT_CHANNELS",
         128,
         "MODEL.ROI_MASK_HEAD.CONV_DIM",
         128,
+        "MODEL.ROI_BOX_HEAD.FC_DIM",
+        256,
         "MODEL.CMRCNN.MASK_STAGES",
         mask_stages,
         "MODEL.CMRCNN.TEST_MASK_MERGE",

@@ -34,12 +34,12 @@ DEMO_CONFIG = "cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml"  # packaged (cmrcnn_
 #: machine, command of each run). float32 is what a CPU without native bfloat16 gets.
 REFERENCE_RUNS = {
     "bfloat16": (
-        "box / mask AP 55.9 / 54.7 with SEED 0 (SEED 1: 53.3 / 51.4, SEED 2: 53.3 / 52.2), "
-        "in 375-481 s (0.26-0.33 s per iteration, depending on the host) on a 2-core CPU with "
-        "AVX512-BF16 (docs/demo.md)"
+        "box / mask AP 56.7 / 55.2 with SEED 0 (SEED 1: 56.4 / 55.0, SEED 2: 56.7 / 54.2), "
+        "in 377-382 s (0.27 s per iteration) on a 2-core CPU with AVX512-BF16; hosts of that "
+        "kind have run the step up to 1.3x slower (docs/demo.md)"
     ),
     "float32": (
-        "box / mask AP 55.9 / 54.9 with SEED 0 in float32 on 2 threads, in 588 s on a 2-core "
+        "box / mask AP 55.1 / 54.4 with SEED 0 in float32 on 2 threads, in 536 s on a 2-core "
         "CPU with AVX512 (float32 forced); a CPU without AVX512 sums in another order, so its "
         "run lands elsewhere within the seed spread, and takes about twice as long (the "
         "128-channel demo before 2026-12-04: 1232 s there; docs/demo.md)"
@@ -47,7 +47,7 @@ REFERENCE_RUNS = {
     # MODEL.DEVICE cuda: Detectron2's float16 AMP, arithmetic neither CPU run shares
     "gpu": (
         "no recorded AP on a GPU: there it trains in float16 (Detectron2's AMP), other "
-        "arithmetic than the CPU reference runs (bfloat16, SEED 0: box / mask AP 55.9 / 54.7), "
+        "arithmetic than the CPU reference runs (bfloat16, SEED 0: box / mask AP 56.7 / 55.2), "
         "so its AP differs from theirs; an NVIDIA H200 trains it at about 0.12 s per iteration "
         "(docs/performance.md, GPU)"
     ),

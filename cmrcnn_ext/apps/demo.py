@@ -35,7 +35,7 @@ DEMO_CONFIG = "cascade_mask_rcnn_R_18_FPN_GN_demo_cpu.yaml"  # packaged (cmrcnn_
 REFERENCE_RUNS = {
     "bfloat16": (
         "box / mask AP 56.7 / 55.2 with SEED 0 (SEED 1: 56.4 / 55.0, SEED 2: 56.7 / 54.2), "
-        "in 377-382 s (0.27 s per iteration) on a 2-core CPU with AVX512-BF16; hosts of that "
+        "in 377-386 s (0.27 s per iteration) on a 2-core CPU with AVX512-BF16; hosts of that "
         "kind have run the step up to 1.3x slower (docs/demo.md)"
     ),
     "float32": (

@@ -61,6 +61,7 @@ from bench_report import (
     print_training,
 )
 from output_checker import OutputChecker
+from train_parts import require_device
 
 
 def parse_args(argv=None):
@@ -158,8 +159,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: CUDA is not available")
+    require_device(args.device)
     cfg, path = load_cfg(args)
     big = cfg.INPUT.MIN_SIZE_TEST >= 600
     # R50-size configs (short side >= 600) are slow on a CPU: few runs; small configs: more

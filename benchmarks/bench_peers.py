@@ -47,6 +47,7 @@ from bench_models import (  # noqa: E402
     make_images,
     variant_cfgs,
 )
+from train_parts import require_device  # noqa: E402
 
 NAMES = {
     "tv": "torchvision maskrcnn_resnet50_fpn_v2",
@@ -188,8 +189,7 @@ def iqr(xs):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: CUDA is not available")
+    require_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     ns = bench_inference.parse_args(

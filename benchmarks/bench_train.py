@@ -224,15 +224,14 @@ def main(argv=None):
     import torch
 
     sys.path.insert(0, HERE)
-    from train_parts import device_matmul_peak
+    from train_parts import device_matmul_peak, require_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
     name = CONFIGS.get(args.config, args.config)
     opts = (R50_OPTS if args.config == "r50" else []) + list(args.opts)
+    require_device(args.device)
     if args.device == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("--device cuda: CUDA is not available")
         opts += ["MODEL.DEVICE", "cuda"]
         args.breakdown = 0  # CPU-side profiler ranges; see the module docstring
     specs = []

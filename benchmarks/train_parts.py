@@ -16,6 +16,7 @@ machine's matrix-multiply peak.
 """
 
 import bisect
+import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -81,6 +82,12 @@ def cuda_matmul_peak(dtype, n=8192, repeats=10, rounds=3):
         torch.cuda.synchronize()
         best = min(best, start.elapsed_time(end) / 1e3 / repeats)
     return 2.0 * n**3 / best / 1e9, n
+
+
+def require_device(device):
+    """Exits with the reason when ``--device cuda`` is asked for and torch has no CUDA device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available")
 
 
 def device_matmul_peak(dtype, device):

@@ -86,9 +86,7 @@ def _variant_dir(output, seed, name):
 
 def run_variant(name, overrides, merges, seed, args):
     out = _variant_dir(args.output, seed, name)
-    opts = list(args.opts) + overrides + ["SEED", seed, "OUTPUT_DIR", out]
-    # the precision the demo trains in here: float32 where bfloat16 would be emulated
-    opts += precision_opts(args.config_file, [str(o) for o in opts])
+    opts = _variant_opts(overrides, seed, out, args)
     if args.iters:  # keep the demo's LR schedule shape
         opts += [
             "SOLVER.MAX_ITER",
@@ -103,18 +101,32 @@ def run_variant(name, overrides, merges, seed, args):
     t0 = time.perf_counter()
     trainer.train()  # ends with Detectron2's evaluation of DATASETS.TEST (not timed below)
     s_iter = (time.perf_counter() - t0) / cfg.SOLVER.MAX_ITER
-    rows = []
+    rows = _evaluate(cfg, trainer.model, name, merges, lambda full: s_iter)
+    with open(os.path.join(out, _rows_file(None)), "w") as f:
+        json.dump({"iters": cfg.SOLVER.MAX_ITER, "rows": rows}, f, indent=1)
+    return rows
+
+
+def _variant_opts(overrides, seed, out, args):
+    """The command line's keys, the variant's, its seed and folder, and the demo's precision
+    choice for them (float32 where bfloat16 would be emulated)."""
+    opts = list(args.opts) + overrides + ["SEED", seed, "OUTPUT_DIR", out]
+    return opts + precision_opts(args.config_file, [str(o) for o in opts])
+
+
+def _evaluate(cfg, model, name, merges, s_iter_of):
+    """One row per test-time merge mode: (name, box AP, mask AP, s/iter, s/image) of ``model``
+    on ``cfg.DATASETS.TEST[0]``; ``s_iter_of(row name)`` gives the training's s/iter."""
     n_images = len(DatasetCatalog.get(cfg.DATASETS.TEST[0]))
+    rows = []
     for label, merge in (merges or {"": None}).items():
         if merge is not None:
-            trainer.model.roi_heads.test_mask_merge = merge
+            model.roi_heads.test_mask_merge = merge
         t0 = time.perf_counter()
-        res = Trainer.test(cfg, trainer.model)
+        res = Trainer.test(cfg, model)
         s_img = (time.perf_counter() - t0) / n_images
         full = f"{name}, test merge {label}" if label else name
-        rows.append((full, res["bbox"]["AP"], res["segm"]["AP"], s_iter, s_img))
-    with open(os.path.join(out, "ablation_rows.json"), "w") as f:
-        json.dump({"iters": cfg.SOLVER.MAX_ITER, "rows": rows}, f, indent=1)
+        rows.append((full, res["bbox"]["AP"], res["segm"]["AP"], s_iter_of(full), s_img))
     return rows
 
 
@@ -137,24 +149,14 @@ def reevaluate(name, overrides, merges, seed, args):
         return []
     with open(saved) as f:
         trained = json.load(f)
-    opts = list(args.opts) + overrides + ["SEED", seed, "OUTPUT_DIR", out]
-    opts += precision_opts(args.config_file, [str(o) for o in opts])
+    opts = _variant_opts(overrides, seed, out, args)
     opts += ["MODEL.WEIGHTS", weights, "DATASETS.TEST", f"('{args.eval_on}',)"]
     cfg = setup_cfg(args.config_file, [str(o) for o in opts])
     model = Trainer.build_model(cfg)
     DetectionCheckpointer(model).load(weights)
     model.eval()
-    n_images = len(DatasetCatalog.get(args.eval_on))
-    rows = []
-    for label, merge in (merges or {"": None}).items():
-        if merge is not None:
-            model.roi_heads.test_mask_merge = merge
-        t0 = time.perf_counter()
-        res = Trainer.test(cfg, model)
-        s_img = (time.perf_counter() - t0) / n_images
-        full = f"{name}, test merge {label}" if label else name
-        s_iter = next(r[3] for r in trained["rows"] if r[0] == full)
-        rows.append((full, res["bbox"]["AP"], res["segm"]["AP"], s_iter, s_img))
+    s_iters = {r[0]: r[3] for r in trained["rows"]}
+    rows = _evaluate(cfg, model, name, merges, s_iters.__getitem__)
     with open(os.path.join(out, _rows_file(args.eval_on)), "w") as f:
         json.dump({"iters": trained["iters"], "rows": rows}, f, indent=1)
     return rows

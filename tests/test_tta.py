@@ -19,35 +19,56 @@ TEST_SIZE = 128  # tiny_cfg's INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST
 
 
 def _model(mask_stages, merge, *opts):
-    """The tiny demo model with seeded random weights, in eval mode.
+    """The tiny demo model with seeded random weights, in eval mode, and a score threshold that
+    keeps a moderate number of its detections.
 
     Detectron2 initialises the box classifiers with std 0.01, so every class scores ~1/6 and a
-    threshold keeps all or nothing; a wider seeded init spreads the scores so that
-    SCORE_THRESH_TEST 0.4 keeps a moderate number of detections per image. The threshold is
-    calibrated for 128-channel FPN features and a 256-wide box head (the score spread depends
-    on the features' scale and the classifier's input width), so the widths are set here rather
-    than taken from the demo config.
+    fixed threshold keeps all or nothing; a wider seeded init spreads the scores. The threshold
+    is then read off the model's own scores (:func:`_threshold`), so that it holds for whatever
+    widths the demo config gives the features and the box head.
     """
-    cfg = tiny_cfg(
-        "MODEL.FPN.OUT_CHANNELS",
-        128,
-        "MODEL.ROI_MASK_HEAD.CONV_DIM",
-        128,
-        "MODEL.ROI_BOX_HEAD.FC_DIM",
-        256,
-        "MODEL.CMRCNN.MASK_STAGES",
-        mask_stages,
-        "MODEL.CMRCNN.TEST_MASK_MERGE",
-        merge,
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
-        0.4,
-        *opts,
-    )
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    for predictor in model.roi_heads.box_predictor:
-        torch.nn.init.normal_(predictor.cls_score.weight, std=0.1)
-    return cfg, model.eval()
+
+    def build(score_thresh):
+        cfg = tiny_cfg(
+            "MODEL.CMRCNN.MASK_STAGES",
+            mask_stages,
+            "MODEL.CMRCNN.TEST_MASK_MERGE",
+            merge,
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+            score_thresh,
+            *opts,
+        )
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        for predictor in model.roi_heads.box_predictor:
+            torch.nn.init.normal_(predictor.cls_score.weight, std=0.1)
+        return cfg, model.eval()
+
+    cfg, model = build(0.0)
+    return build(_threshold(model, cfg.TEST.DETECTIONS_PER_IMAGE))
+
+
+def _threshold(model, max_detections):
+    """A score threshold that keeps 3 to ``max_detections // 2`` detections of each test image:
+    the midpoint of the widest gap between consecutive scores (over both images) that does so.
+
+    The model runs at threshold 0. Detectron2 keeps a candidate when its score is above the
+    threshold, before per-class NMS, which only suppresses boxes of higher score; so the
+    detections above the threshold are the same whether it is applied before or after. A wide
+    gap keeps score differences of float tolerance (TTA against plain inference) from moving a
+    detection across it.
+    """
+    with torch.no_grad():
+        scores = [model([item])[0]["instances"].scores for item in _inputs()]
+    ranked = torch.cat(scores).sort(descending=True).values.tolist()
+    best, widest = None, 0.0
+    for above, below in zip(ranked[:-1], ranked[1:]):
+        thresh = (above + below) / 2
+        kept = [int((s > thresh).sum()) for s in scores]
+        if all(3 <= k <= max_detections // 2 for k in kept) and above - below > widest:
+            best, widest = thresh, above - below
+    assert best is not None and widest > 1e-3, f"no clear score gap: {ranked}"
+    return best
 
 
 def _inputs():

@@ -47,12 +47,12 @@ def test_box_head_conv_and_fc_counts_in_every_stage(num_conv, num_fc):
     heads = model.roi_heads.box_head
     assert len(heads) == 3
     channels = model.backbone.output_shape()["p2"].channels  # MODEL.FPN.OUT_CHANNELS
+    dims = tiny_cfg().MODEL.ROI_BOX_HEAD  # FC_DIM after fully connected layers, else CONV_DIM
     for head in heads:
         assert sum(isinstance(m, nn.Conv2d) for m in head.modules()) == num_conv
         assert sum(isinstance(m, nn.Linear) for m in head.modules()) == num_fc
         assert (len(head.conv_norm_relus), len(head.fcs)) == (num_conv, num_fc)
         out = head(torch.zeros(2, channels, 7, 7))
-        dims = tiny_cfg().MODEL.ROI_BOX_HEAD  # FC_DIM after fully connected layers, else CONV_DIM
         assert out.shape == ((2, dims.FC_DIM) if num_fc else (2, dims.CONV_DIM, 7, 7))
 
 

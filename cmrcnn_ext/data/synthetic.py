@@ -250,6 +250,11 @@ def generate_dataset(out_dir, num_images, seed, image_size=256, split_name="trai
     return json_path
 
 
+def _data_root(root):
+    """``root``, or by default ``$CMRCNN_DATA``, or else ``datasets/cmrcnn_shapes``."""
+    return root if root is not None else os.environ.get("CMRCNN_DATA", "datasets/cmrcnn_shapes")
+
+
 def ensure_synthetic_dataset(root=None, num_train=600, num_val=60, seed=0, image_size=256):
     """Generates the train split (``seed``) and held-out val split (``seed + 1000``) if needed.
 
@@ -263,8 +268,7 @@ def ensure_synthetic_dataset(root=None, num_train=600, num_val=60, seed=0, image
     Returns:
         ``{"train": (json_path, image_root), "val": (json_path, image_root)}``.
     """
-    if root is None:
-        root = os.environ.get("CMRCNN_DATA", "datasets/cmrcnn_shapes")
+    root = _data_root(root)
     splits = {}
     for split, num, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1000)):
         json_path = generate_dataset(root, num, split_seed, image_size, split_name=split)
@@ -295,18 +299,15 @@ def register_holdout_split(root=None, seed=0, image_size=256, prefix="cmrcnn_sha
         str: the registered name.
     """
     from detectron2.data import DatasetCatalog
-    from detectron2.data.datasets import register_coco_instances
 
-    if root is None:
-        root = os.environ.get("CMRCNN_DATA", "datasets/cmrcnn_shapes")
+    root = _data_root(root)
     name = f"{prefix}_holdout"
-    if name in DatasetCatalog.list():
+    if name in DatasetCatalog.list():  # before generating: nothing to do
         return name
     json_path = generate_dataset(
         root, HOLDOUT_IMAGES, seed + HOLDOUT_SEED_OFFSET, image_size, split_name="holdout"
     )
-    image_root = os.path.join(root, "holdout")
-    register_coco_instances(name, {"thing_classes": list(CLASS_NAMES)}, json_path, image_root)
+    _register_split(name, json_path, os.path.join(root, "holdout"))
     return name
 
 
@@ -329,7 +330,6 @@ def register_synthetic_dataset(
         Tuple ``(train_name, val_name)``.
     """
     from detectron2.data import DatasetCatalog
-    from detectron2.data.datasets import register_coco_instances
 
     splits = ensure_synthetic_dataset(root, num_train, num_val, seed, image_size)
     names = []
@@ -339,6 +339,12 @@ def register_synthetic_dataset(
         if name in DatasetCatalog.list():
             logger.info("Dataset %r already registered; skipping", name)
             continue
-        json_path, image_root = splits[split]
-        register_coco_instances(name, {"thing_classes": list(CLASS_NAMES)}, json_path, image_root)
+        _register_split(name, *splits[split])
     return tuple(names)
+
+
+def _register_split(name, json_path, image_root):
+    """Registers one generated split with Detectron2, with the shapes' class names."""
+    from detectron2.data.datasets import register_coco_instances
+
+    register_coco_instances(name, {"thing_classes": list(CLASS_NAMES)}, json_path, image_root)

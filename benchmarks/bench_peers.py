@@ -19,10 +19,11 @@ values (``PRE/POST_NMS_TOPK_*``, ``BATCH_SIZE_PER_IMAGE``, ``POSITIVE_FRACTION``
 are its own: v2's box head has four 3x3 convolutions before its FC layer (Detectron2's R50
 configs: two FC layers), so it costs more per ROI.
 
-MMDetection's Cascade Mask R-CNN is not in the table: ``mmcv`` 2.2.0 (the version MMDetection 3.x
-needs) has no wheel for this torch, and its sdist does not compile against torch >= 2.10's
-headers as published (it asks for C++14/17, torch's headers need C++20); docs/performance.md
-records the build attempt.
+``--mmdet`` adds MMDetection 3.x's Cascade Mask R-CNN R50-FPN (``peer_mmdet.py``: its shipped
+config with the Detectron2 config's classes, proposal counts, sampling and detections; mask heads
+on every stage, merged by the mean at test time). It needs ``mmcv`` with its compiled ops, which
+has no wheel for this torch and whose sdist compiles here only with C++20 instead of the C++17 it
+asks for (docs/performance.md, "MMDetection"); ``scripts/build_mmdet.sh`` builds it that way.
 """
 
 import argparse
@@ -37,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_inference  # noqa: E402  (its argument parser: load_cfg options)
+import peer_mmdet  # noqa: E402
 from bench_measure import MemoryMonitor, _trim_heap  # noqa: E402
 from bench_models import (  # noqa: E402
     ROOT,
@@ -55,6 +57,7 @@ NAMES = {
     "b": "ours MASK_STAGES first",
     "l": "ours MASK_STAGES last",
     "c": "ours MASK_STAGES all + mean",
+    "mm": "MMDetection cascade (mask all, mean)",
 }
 
 
@@ -67,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--mmdet", action="store_true", help="add MMDetection's Cascade Mask R-CNN")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (our models)")
     return p.parse_args(argv)
 
@@ -119,7 +123,7 @@ def timed(fn, device="cpu"):
     return out, seconds, mem.peak - mem.base
 
 
-def build(cfg, images, seed):
+def build(cfg, images, seed, mmdet=False, bgr=True):
     models = build_models(cfg, seed, images[0])
     last_cfg = variant_cfgs(cfg)["b"].clone()
     last_cfg.MODEL.CMRCNN.MASK_STAGES = "last"
@@ -132,22 +136,31 @@ def build(cfg, images, seed):
     h, w = images[0]["image"].shape[-2:]
     torch.manual_seed(seed)
     tv = torchvision_model(cfg, h, w).to(cfg.MODEL.DEVICE).eval()
-    return {"tv": tv, "a": models["a"], "b": models["b"], "l": last, "c": models["c"]}
+    out = {"tv": tv, "a": models["a"], "b": models["b"], "l": last, "c": models["c"]}
+    if mmdet:
+        torch.manual_seed(seed)
+        out["mm"] = peer_mmdet.mmdet_model(cfg, cfg.MODEL.DEVICE).eval()
+        n_bn = peer_mmdet.calibrate_bn(out["mm"], images[0], bgr)
+        print(f"MMDetection: BatchNorm statistics of {n_bn} backbone layers set from one image")
+    return out
 
 
 def run(models, images, iters, train_iters, batch, bgr, lr_opts, device="cpu"):
-    res = {k: {"lat": [], "ipeak": 0, "train": [], "tpeak": 0} for k in models}
+    res = {k: {"lat": [], "ipeak": 0, "train": [], "tpeak": 0, "dets": []} for k in models}
     with torch.no_grad():
         for i in range(1 + iters):
             item = images[i % len(images)]
             for k, m in models.items():
                 if k == "tv":
                     out, s, peak = timed(lambda: m([tv_inputs(item, bgr, device)[0]]), device)
+                elif k == "mm":
+                    out, s, peak = timed(lambda: peer_mmdet.mm_infer(m, item, bgr, device), device)
                 else:
                     out, s, peak = timed(lambda: m(infer_inputs(item)), device)
                 if i:
                     res[k]["lat"].append(s)
                     res[k]["ipeak"] = max(res[k]["ipeak"], peak)
+                    res[k]["dets"].append(num_detections(k, out))
     from detectron2.utils.events import EventStorage
 
     opts = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], **lr_opts)
@@ -163,11 +176,13 @@ def run(models, images, iters, train_iters, batch, bgr, lr_opts, device="cpu"):
                     def step(k=k, m=m):
                         if k == "tv":
                             imgs, targets = zip(*(tv_inputs(it, bgr, device) for it in items))
-                            losses = m(list(imgs), list(targets))
+                            loss = sum(m(list(imgs), list(targets)).values())
+                        elif k == "mm":
+                            loss = peer_mmdet.mm_loss(m, items, bgr, device)
                         else:
-                            losses = m([dict(it) for it in items])
+                            loss = sum(m([dict(it) for it in items]).values())
                         opts[k].zero_grad(set_to_none=True)
-                        sum(losses.values()).backward()
+                        loss.backward()
                         opts[k].step()
 
                     _, s, peak = timed(step, device)
@@ -180,6 +195,15 @@ def run(models, images, iters, train_iters, batch, bgr, lr_opts, device="cpu"):
     return res
 
 
+def num_detections(k, out):
+    """Detections in one image's output (each library's own output format)."""
+    if k == "tv":
+        return len(out[0]["boxes"])
+    if k == "mm":
+        return len(out[0].pred_instances)
+    return len(out[0]["instances"])
+
+
 def iqr(xs):
     if len(xs) < 2:
         return xs[0], xs[0]
@@ -190,6 +214,11 @@ def iqr(xs):
 def main(argv=None):
     args = parse_args(argv)
     require_device(args.device)
+    if args.mmdet and peer_mmdet.available():
+        sys.exit(f"--mmdet: MMDetection cannot be imported here ({peer_mmdet.available()}); it "
+                 "needs mmengine, mmdet 3.x and mmcv 2.x < 2.2.0 built with its ops: "
+                 "'bash scripts/build_mmdet.sh' builds them into .mmdet/site, then run with "
+                 "PYTHONPATH=.mmdet/site (docs/performance.md, 'MMDetection')")  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     ns = bench_inference.parse_args(
@@ -201,7 +230,7 @@ def main(argv=None):
     cfg.SOLVER.AMP.ENABLED = False
     h, w = image_shape(cfg, cfg.INPUT.MIN_SIZE_TEST)
     images = make_images(max(2, args.batch), h, w, args.seed, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-    models = build(cfg, images, args.seed)
+    models = build(cfg, images, args.seed, args.mmdet, cfg.INPUT.FORMAT == "BGR")
     import detectron2
     import torchvision
 
@@ -217,17 +246,18 @@ def main(argv=None):
     base_i = statistics.median(res["a"]["lat"])
     base_t = statistics.median(res["a"]["train"])
     print(f"\n{'model':40}{'params M':>9}{'infer ms':>10}{'IQR':>17}{'vs D2':>7}{'+MiB':>7}"
-          f"{'train s':>9}{'IQR':>15}{'vs D2':>7}{'+MiB':>7}")  # fmt: skip
+          f"{'dets':>6}{'train s':>9}{'IQR':>15}{'vs D2':>7}{'+MiB':>7}")  # fmt: skip
     for k, m in models.items():
         r = res[k]
         lat, tr = statistics.median(r["lat"]), statistics.median(r["train"])
         (l1, l3), (t1, t3) = iqr(r["lat"]), iqr(r["train"])
         n = sum(p.numel() for p in m.parameters()) / 1e6
         print(f"{NAMES[k]:40}{n:9.1f}{1000 * lat:10.0f}  {1000 * l1:6.0f} - {1000 * l3:6.0f}"
-              f"{lat / base_i:6.2f}x{r['ipeak'] / 2**20:7.0f}{tr:9.2f}  {t1:5.2f} - {t3:5.2f}"
+              f"{lat / base_i:6.2f}x{r['ipeak'] / 2**20:7.0f}{statistics.median(r['dets']):6.0f}{tr:9.2f}  {t1:5.2f} - {t3:5.2f}"
               f"{tr / base_t:6.2f}x{r['tpeak'] / 2**20:7.0f}")  # fmt: skip
     print(f"(inference: batch 1, {args.iters} timed runs; training: batch {args.batch}, "
-          f"{args.train_iters} timed steps; 'vs D2': median / Detectron2's median; +MiB: the "
+          f"{args.train_iters} timed steps; dets: median detections per image; 'vs D2': median / "
+          "Detectron2's median; +MiB: the "
           + ("most CUDA memory allocated above the allocation before a run of the model)"
              if args.device == "cuda" else
              "most the process's RSS rose above its level before a run of the model)"))  # fmt: skip

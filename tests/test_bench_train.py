@@ -5,6 +5,8 @@ import os
 import sys
 from types import SimpleNamespace
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -105,6 +107,18 @@ def test_bench_peers_prints_every_model(capsys):
     assert len(rows) == 5, out
     # Detectron2's row is the reference of both ratios
     assert rows[bench_peers.NAMES["a"]].count("1.00x") == 2
+
+
+def test_bench_peers_mmdet_flag_without_mmdet_names_what_is_missing():
+    """``--mmdet`` where MMDetection or mmcv's compiled ops do not import: one line naming the
+    packages and where the build is described, before any model is built."""
+    import bench_peers
+    import peer_mmdet
+
+    if peer_mmdet.available() is None:
+        pytest.skip("MMDetection imports here; bench_peers --mmdet runs it")
+    with pytest.raises(SystemExit, match=r"mmcv 2\.x < 2\.2\.0 built with its ops"):
+        bench_peers.main(["--mmdet", "--config", "demo", "--iters", "1", "--train-iters", "1"])
 
 
 def test_matmul_peak_bounds_its_time_where_bfloat16_is_emulated():

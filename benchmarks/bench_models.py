@@ -59,13 +59,10 @@ def variant_cfgs(cfg):
 
 
 @torch.no_grad()
-def calibrate_frozen_bn(model, item):
-    """Set every FrozenBatchNorm2d's statistics to those of its input on one image (in forward
-    order), so that a randomly initialised FrozenBN backbone (R50 configs) gives unit-scale
-    features as a trained one does. Without it the residual sums grow to ~1e3-1e4, the class
-    scores saturate at background and no box survives. Returns the number of layers set."""
-    from detectron2.layers import FrozenBatchNorm2d
-
+def norm_stats_from_input(layers, forward):
+    """Set each normalisation layer's ``running_mean`` / ``running_var`` to the statistics of its
+    input while ``forward()`` runs (in forward order, so each layer sees the already set layers
+    before it). Returns the number of layers set."""
     handles = []
 
     def pre(mod, inputs):
@@ -73,15 +70,29 @@ def calibrate_frozen_bn(model, item):
         mod.running_mean.copy_(x.mean(dim=(0, 2, 3)))
         mod.running_var.copy_(x.var(dim=(0, 2, 3)) + 1e-5)
 
-    for mod in model.modules():
-        if isinstance(mod, FrozenBatchNorm2d):
-            handles.append(mod.register_forward_pre_hook(pre))
-    if handles:
-        model.eval()
-        model.backbone(model.preprocess_image(infer_inputs(item)).tensor)
-    for h in handles:
-        h.remove()
+    for mod in layers:
+        handles.append(mod.register_forward_pre_hook(pre))
+    try:
+        if handles:
+            forward()
+    finally:
+        for h in handles:
+            h.remove()
     return len(handles)
+
+
+def calibrate_frozen_bn(model, item):
+    """Set every FrozenBatchNorm2d's statistics to those of its input on one image, so that a
+    randomly initialised FrozenBN backbone (R50 configs) gives unit-scale features as a trained
+    one does. Without it the residual sums grow to ~1e3-1e4, the class scores saturate at
+    background and no box survives. Returns the number of layers set."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    return norm_stats_from_input(
+        layers, lambda: model.backbone(model.preprocess_image(infer_inputs(item)).tensor)
+    )
 
 
 def build_models(cfg, seed, calib_item, weights=""):

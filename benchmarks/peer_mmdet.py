@@ -57,29 +57,18 @@ def mmdet_model(cfg, device="cpu"):
     return MODELS.build(model).to(device)
 
 
-@torch.no_grad()
 def calibrate_bn(model, item, bgr):
     """Set the backbone's BatchNorm statistics (eval mode: ``norm_eval``) to those of their
-    input on one image, in forward order, as ``bench_models.calibrate_frozen_bn`` does for
-    Detectron2's FrozenBN: random weights with the default statistics otherwise give
-    ~1e4-scale features, saturated scores and fewer detections. Returns the layers set."""
-    handles = []
+    input on one image, as ``bench_models.calibrate_frozen_bn`` does for Detectron2's FrozenBN:
+    random weights with the default statistics otherwise give ~1e4-scale features, saturated
+    scores and fewer detections. Returns the number of layers set."""
+    from bench_models import norm_stats_from_input
 
-    def pre(mod, inputs):
-        x = inputs[0]
-        mod.running_mean.copy_(x.mean(dim=(0, 2, 3)))
-        mod.running_var.copy_(x.var(dim=(0, 2, 3)) + 1e-5)
-
-    for mod in model.backbone.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            handles.append(mod.register_forward_pre_hook(pre))
     model.eval()
     device = next(model.parameters()).device
     data = model.data_preprocessor(mm_batch([item], bgr, False, device), False)
-    model.backbone(data["inputs"])
-    for h in handles:
-        h.remove()
-    return len(handles)
+    layers = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    return norm_stats_from_input(layers, lambda: model.backbone(data["inputs"]))
 
 
 def mm_batch(items, bgr, with_targets, device="cpu"):

@@ -23,7 +23,7 @@ configs: two FC layers), so it costs more per ROI.
 config with the Detectron2 config's classes, proposal counts, sampling and detections; mask heads
 on every stage, merged by the mean at test time). It needs ``mmcv`` with its compiled ops, which
 has no wheel for this torch and whose sdist compiles here only with C++20 instead of the C++17 it
-asks for (docs/performance.md, "MMDetection"); ``scripts/build_mmdet.sh`` builds it that way.
+asks for (docs/performance.md, "MMDetection on the CPU"); ``scripts/build_mmdet.sh`` builds it that way.
 """
 
 import argparse
@@ -218,7 +218,7 @@ def main(argv=None):
         sys.exit(f"--mmdet: MMDetection cannot be imported here ({peer_mmdet.available()}); it "
                  "needs mmengine, mmdet 3.x and mmcv 2.x < 2.2.0 built with its ops: "
                  "'bash scripts/build_mmdet.sh' builds them into .mmdet/site, then run with "
-                 "PYTHONPATH=.mmdet/site (docs/performance.md, 'MMDetection')")  # fmt: skip
+                 "PYTHONPATH=.mmdet/site (docs/performance.md, 'MMDetection on the CPU')")  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     ns = bench_inference.parse_args(

@@ -5,12 +5,13 @@ weights (no pretrained backbone download), fed the same images and annotations.
 
 MMDetection's cascade puts a mask head on every stage and averages the stages' masks at test
 time, as ours with ``MASK_STAGES all`` + ``TEST_MASK_MERGE mean``; its stage loss weights are the
-paper's (1, 0.5, 0.25). Its backbone is torchvision-style ResNet-50 with BatchNorm in eval mode
-(``norm_eval``) and the stem and first stage frozen, as Detectron2's ``FREEZE_AT 2`` with
-FrozenBN.
+paper's (1, 0.5, 0.25). Its backbone is a torchvision-style ResNet-50 with the stem and first
+stage frozen (Detectron2's ``FREEZE_AT 2``) and BatchNorm statistics frozen (``norm_eval``); it
+trains BatchNorm's affine weights where Detectron2's FrozenBN keeps them fixed.
 
 Needs ``mmengine``, ``mmdet`` 3.x and ``mmcv`` 2.x (< 2.2.0, MMDetection 3.3.0's bound) with its
-compiled ops; docs/performance.md ("MMDetection") says how that was built here.
+compiled ops; docs/performance.md ("MMDetection on the CPU") says how that was built here and
+``scripts/build_mmdet.sh`` does it.
 """
 
 import os

@@ -5,10 +5,10 @@
 #   bash scripts/build_mmdet.sh            # -> .mmdet/site (about 6 minutes on 2 cores)
 #   PYTHONPATH=.mmdet/site .venv/bin/python benchmarks/bench_peers.py --mmdet --config r50
 #
-# Why these versions and the patch (docs/performance.md, "MMDetection on the CPU"): mmdet 3.3.0, the newest
-# on PyPI, accepts only mmcv >= 2.0.0rc4 and < 2.2.0, so mmcv 2.1.0; PyPI has no mmcv wheel for
-# this torch, and mmcv's sdist compiles with -std=c++17 where torch >= 2.10's headers need C++20,
-# so setup.py's flag is changed to -std=c++20. CFLAGS are Python's default optimisation (-O3)
+# Why these versions and the patch (docs/performance.md, "MMDetection on the CPU"): mmdet 3.3.0,
+# the newest on PyPI, accepts only mmcv >= 2.0.0rc4 and < 2.2.0, so mmcv 2.1.0; PyPI has no mmcv
+# wheel for this torch, and mmcv's sdist compiles with -std=c++17 where torch >= 2.10's headers
+# need C++20, so setup.py's flag is changed to -std=c++20. CFLAGS are Python's default optimisation (-O3)
 # without debug information (-g makes the 77 units several times slower to compile).
 #
 #   CMRCNN_VENV   the virtualenv whose Python and torch build mmcv (default: .venv)

@@ -214,8 +214,9 @@ def iqr(xs):
 def main(argv=None):
     args = parse_args(argv)
     require_device(args.device)
-    if args.mmdet and peer_mmdet.available():
-        sys.exit(f"--mmdet: MMDetection cannot be imported here ({peer_mmdet.available()}); it "
+    missing = peer_mmdet.available() if args.mmdet else None
+    if missing:
+        sys.exit(f"--mmdet: MMDetection cannot be imported here ({missing}); it "
                  "needs mmengine, mmdet 3.x and mmcv 2.x < 2.2.0 built with its ops: "
                  "'bash scripts/build_mmdet.sh' builds them into .mmdet/site, then run with "
                  "PYTHONPATH=.mmdet/site (docs/performance.md, 'MMDetection on the CPU')")  # fmt: skip
